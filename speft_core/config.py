@@ -1,0 +1,247 @@
+"""Configuration dataclasses: the SPEFT method settings, the training hyperparameters, a whole job.
+
+Field defaults and limits live here once; the REST schemas and the CLI read them from here.
+Every dataclass validates itself on construction and raises `ConfigError(param=...)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from .errors import ConfigError
+
+TASKS: tuple[str, ...] = ("classification", "causal_lm")
+MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
+SCOPES: tuple[str, ...] = ("global", "layer")
+
+Task = Literal["classification", "causal_lm"]
+
+# Bounds a service can rely on; a user asking for more gets a ConfigError naming the field.
+MAX_EPOCHS = 100
+MAX_BATCH_SIZE = 1024
+MAX_LENGTH = 8192
+MAX_SCORING_EXAMPLES = 100_000
+
+
+@dataclass(frozen=True)
+class SpeftConfig:
+    """How the sparse delta is chosen and maintained."""
+
+    metric: str = field(default="gradient", metadata={"help": "salience metric (see speft_core.METRICS)"})
+    density: float | int = field(
+        default=0.01,
+        metadata={"help": "fraction (0, 1] of the targeted weights, or an integer count > 1"},
+    )
+    mask: str = field(default="static", metadata={"help": "'static' (chosen once) or 'dynamic'"})
+    scope: str = field(default="global", metadata={"help": "top-k over all targets or per layer"})
+    target_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Linear module name patterns; None = attention and MLP Linears"},
+    )
+    scoring_examples: int = field(
+        default=1024, metadata={"help": "training examples used to compute salience"}
+    )
+    update_interval: int = field(
+        default=0, metadata={"help": "dynamic mask: optimizer steps between re-selections"}
+    )
+    update_fraction: float = field(
+        default=0.1, metadata={"help": "dynamic mask: fraction of entries dropped and regrown"}
+    )
+
+    def __post_init__(self) -> None:
+        from .salience import METRICS  # late import: salience imports nothing from here at load
+
+        if self.metric not in METRICS:
+            from .errors import UnknownMetricError
+
+            raise UnknownMetricError(
+                f"unknown metric {self.metric!r}; valid metrics: {', '.join(sorted(METRICS))}",
+                param="metric",
+            )
+        _check_density(self.density)
+        _check_choice("mask", self.mask, MASK_KINDS)
+        _check_choice("scope", self.scope, SCOPES)
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not all(
+                isinstance(p, str) and p for p in self.target_modules
+            ):
+                raise ConfigError(
+                    "target_modules must be a list of non-empty strings or null",
+                    param="target_modules",
+                )
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ConfigError("target_modules must not be empty", param="target_modules")
+        _check_int_range("scoring_examples", self.scoring_examples, 1, MAX_SCORING_EXAMPLES)
+        _check_int_range("update_interval", self.update_interval, 0, 10**9)
+        if self.mask == "dynamic" and self.update_interval == 0:
+            raise ConfigError(
+                "a dynamic mask needs update_interval >= 1 (steps between re-selections)",
+                param="update_interval",
+            )
+        if not (0.0 < float(self.update_fraction) <= 1.0):
+            raise ConfigError("update_fraction must be in (0, 1]", param="update_fraction")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when the mask is re-selected during training."""
+        return self.mask == "dynamic"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyperparameters (the REST job's `hyperparameters`)."""
+
+    n_epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    max_length: int = 128
+    seed: int = 42
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    head_learning_rate: float | None = None  # defaults to learning_rate
+
+    def __post_init__(self) -> None:
+        _check_int_range("n_epochs", self.n_epochs, 1, MAX_EPOCHS)
+        _check_int_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int_range("max_length", self.max_length, 2, MAX_LENGTH)
+        _check_int_range("seed", self.seed, 0, 2**32 - 1)
+        _check_int_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
+        _check_positive_float("learning_rate", self.learning_rate, upper=10.0)
+        if self.head_learning_rate is not None:
+            _check_positive_float("head_learning_rate", self.head_learning_rate, upper=10.0)
+        _check_float_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_float_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_float_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One fine-tuning job: the REST body, with files as local paths when run from the CLI."""
+
+    model: str
+    training_file: str
+    task: str = "classification"
+    validation_file: str | None = None
+    speft: SpeftConfig = field(default_factory=SpeftConfig)
+    hyperparameters: TrainConfig = field(default_factory=TrainConfig)
+    suffix: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be a non-empty string", param="model")
+        if not isinstance(self.training_file, str) or not self.training_file:
+            raise ConfigError("training_file must be a non-empty string", param="training_file")
+        _check_choice("task", self.task, TASKS)
+
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any]) -> "JobSpec":
+        """Build a spec from a REST-style job body; unknown or invalid fields raise ConfigError."""
+        if not isinstance(body, Mapping):
+            raise ConfigError("the job spec must be a JSON object")
+        body = dict(body)
+        known = {"model", "training_file", "validation_file", "task", "method",
+                 "hyperparameters", "suffix", "metadata"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ConfigError(f"unknown field {unknown[0]!r}", param=unknown[0])
+        method = body.pop("method", None) or {}
+        if not isinstance(method, Mapping):
+            raise ConfigError("method must be an object", param="method")
+        if method.get("type", "speft") != "speft":
+            raise ConfigError("method.type must be 'speft'", param="method.type")
+        speft = _build(SpeftConfig, method.get("speft") or {}, "method.speft")
+        hyper = _build(TrainConfig, body.pop("hyperparameters", None) or {}, "hyperparameters")
+        missing = [name for name in ("model", "training_file") if name not in body]
+        if missing:
+            raise ConfigError(f"missing required field {missing[0]!r}", param=missing[0])
+        return cls(speft=speft, hyperparameters=hyper, **body)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The REST-style body this spec was built from (with defaults filled in)."""
+        speft = dataclasses.asdict(self.speft)
+        if speft["target_modules"] is not None:
+            speft["target_modules"] = list(speft["target_modules"])
+        return {
+            "model": self.model,
+            "training_file": self.training_file,
+            "validation_file": self.validation_file,
+            "task": self.task,
+            "method": {"type": "speft", "speft": speft},
+            "hyperparameters": dataclasses.asdict(self.hyperparameters),
+            "suffix": self.suffix,
+            "metadata": dict(self.metadata),
+        }
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Construct dataclass `cls` from a mapping, prefixing the failing field's name with `prefix`."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix} must be an object", param=prefix)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]!r}", param=f"{prefix}.{unknown[0]}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        err.param = f"{prefix}.{err.param}" if err.param else prefix
+        raise
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}", param=name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not (low <= value <= high):
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}]; got {value!r}", param=name)
+
+
+def _check_float_range(name: str, value: Any, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+        math.isfinite(value) and low <= value <= high
+    ):
+        raise ConfigError(f"{name} must be a number in [{low}, {high}]; got {value!r}", param=name)
+
+
+def _check_positive_float(name: str, value: Any, *, upper: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+        math.isfinite(value) and 0.0 < value <= upper
+    ):
+        raise ConfigError(f"{name} must be a number in (0, {upper}]; got {value!r}", param=name)
+
+
+def _check_density(density: Any) -> None:
+    """Density is a fraction in (0, 1] or an integer count > 1 (floats like 50.0 count too)."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ConfigError(f"density must be a number; got {density!r}", param="density")
+    if not math.isfinite(density) or density <= 0:
+        raise ConfigError("density must be in (0, 1] or an integer count > 1", param="density")
+    if density > 1 and float(density) != int(density):
+        raise ConfigError(
+            "density above 1 is an absolute count and must be a whole number", param="density"
+        )
+
+
+def resolve_density(density: float | int, total: int) -> int:
+    """Number of entries to train: `density` as a fraction of `total`, or an absolute count."""
+    if density > 1:
+        count = int(density)
+        if count > total:
+            raise ConfigError(
+                f"density asks for {count} entries but the targets hold only {total} weights",
+                param="density",
+            )
+        return count
+    return max(1, min(total, int(round(float(density) * total))))
