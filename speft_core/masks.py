@@ -1,0 +1,167 @@
+"""From salience scores to masks: top-k (global or per layer) and dynamic drop/grow.
+
+Ties are broken deterministically: among equal scores the lower position wins (position =
+module order, then flat index). NaN scores rank below every number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .config import resolve_density
+from .sparse_linear import index_dtype
+
+
+def _topk_positions(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted positions of the k largest entries of a 1-D tensor, ties to the lower position."""
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=flat.device)
+    flat = torch.nan_to_num(flat.float(), nan=float("-inf"))
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    above = flat > threshold
+    need = k - int(above.sum())
+    chosen = above
+    if need > 0:
+        equal = (flat == threshold).nonzero().squeeze(1)[:need]  # ascending positions
+        chosen = above.clone()
+        chosen[equal] = True
+    return chosen.nonzero().squeeze(1)
+
+
+def _as_indices(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    return positions.to(index_dtype(numel))
+
+
+def select_topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The k highest-scoring entries over all modules: name -> sorted flat indices."""
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    positions = _topk_positions(flat, k)
+    masks: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, size in zip(names, sizes):
+        lo = torch.searchsorted(positions, start)
+        hi = torch.searchsorted(positions, start + size)
+        masks[name] = _as_indices(positions[lo:hi] - start, size)
+        start += size
+    return masks
+
+
+def per_layer_counts(sizes: Mapping[str, int], density: float | int) -> dict[str, int]:
+    """Entries per module for per-layer top-k: the same fraction of each, summing to the total."""
+    total = sum(sizes.values())
+    want = resolve_density(density, total)
+    exact = {n: want * s / total for n, s in sizes.items()}
+    counts = {n: int(v) for n, v in exact.items()}
+    # largest remainder, ties by module order, so counts sum to `want` exactly
+    order = sorted(sizes, key=lambda n: -(exact[n] - counts[n]))
+    for name in order[: want - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def select_topk_per_layer(
+    scores: Mapping[str, torch.Tensor], density: float | int
+) -> dict[str, torch.Tensor]:
+    """The top entries of each module separately, each module getting its share of the budget."""
+    counts = per_layer_counts({n: s.numel() for n, s in scores.items()}, density)
+    return {
+        name: _as_indices(_topk_positions(score.reshape(-1), counts[name]), score.numel())
+        for name, score in scores.items()
+    }
+
+
+def select_mask(
+    scores: Mapping[str, torch.Tensor], density: float | int, scope: str = "global"
+) -> dict[str, torch.Tensor]:
+    """Top-k masks for a density (fraction or count) and scope ('global' or 'layer')."""
+    if scope == "layer":
+        return select_topk_per_layer(scores, density)
+    total = sum(s.numel() for s in scores.values())
+    return select_topk_global(scores, resolve_density(density, total))
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """A module's new mask after drop/grow; `source[j]` is entry j's old position, -1 if grown."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    source: torch.Tensor
+
+
+def _drop_grow_counts(
+    current: Mapping[str, tuple[torch.Tensor, torch.Tensor]], fraction: float, scope: str
+) -> dict[str, torch.Tensor]:
+    """Which entries to keep: name -> bool mask over its current entries."""
+    if scope == "layer":
+        return {
+            name: _keep_largest(values, values.numel() - int(round(fraction * values.numel())))
+            for name, (_, values) in current.items()
+        }
+    names = list(current)
+    flat = torch.cat([current[n][1].detach().abs().reshape(-1).float() for n in names])
+    n_keep = flat.numel() - int(round(fraction * flat.numel()))
+    keep_flat = _keep_largest(flat, n_keep, absolute=False)
+    keeps, start = {}, 0
+    for name in names:
+        size = current[name][1].numel()
+        keeps[name] = keep_flat[start:start + size]
+        start += size
+    return keeps
+
+
+def _keep_largest(values: torch.Tensor, n_keep: int, absolute: bool = True) -> torch.Tensor:
+    magnitude = values.detach().abs() if absolute else values
+    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    keep[_topk_positions(magnitude.reshape(-1), n_keep)] = True
+    return keep
+
+
+def drop_and_grow(
+    current: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    scores: Mapping[str, torch.Tensor],
+    fraction: float,
+    scope: str = "global",
+) -> dict[str, MaskUpdate]:
+    """Drop the `fraction` of entries with the smallest |value| and grow as many new ones.
+
+    New entries are the highest-scoring weights that were not in the mask before this update
+    (so the mask really moves); they start at value 0. Kept entries keep their values.
+    With scope 'global' the drop and the grow are ranked over all modules, so a module's
+    count can change; with 'layer' each module keeps its count.
+    """
+    keeps = _drop_grow_counts(current, fraction, scope)
+    free_scores = {}
+    for name, score in scores.items():
+        free = score.detach().reshape(-1).float().clone()
+        free[current[name][0].long()] = float("-inf")  # only entries outside the old mask grow
+        free_scores[name] = free
+    n_grow = {n: int((~keeps[n]).sum()) for n in current}
+    if scope == "layer":
+        grown = {n: _topk_positions(free_scores[n], n_grow[n]) for n in current}
+    else:
+        grown = {n: i.long() for n, i in select_topk_global(free_scores, sum(n_grow.values())).items()}
+    updates: dict[str, MaskUpdate] = {}
+    for name, (indices, values) in current.items():
+        keep = keeps[name]
+        kept_idx = indices.long()[keep]
+        new_idx = torch.cat([kept_idx, grown[name].to(kept_idx.device)])
+        source = torch.cat([
+            keep.nonzero().squeeze(1),
+            torch.full((grown[name].numel(),), -1, dtype=torch.int64, device=kept_idx.device),
+        ])
+        order = torch.argsort(new_idx)
+        new_idx, source = new_idx[order], source[order]
+        new_values = torch.zeros(new_idx.numel(), dtype=values.dtype, device=values.device)
+        old = source >= 0
+        new_values[old] = values.detach()[source[old]]
+        numel = scores[name].numel()
+        updates[name] = MaskUpdate(_as_indices(new_idx, numel), new_values, source)
+    return updates

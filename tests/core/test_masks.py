@@ -1,0 +1,65 @@
+"""Top-k selection and dynamic drop/grow."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speft_core.errors import ConfigError
+from speft_core.masks import drop_and_grow, per_layer_counts, select_mask, select_topk_global
+
+
+def test_global_topk_spans_modules_and_is_sorted():
+    scores = {"a": torch.tensor([[0.1, 0.9], [0.5, 0.2]]), "b": torch.tensor([[0.8, 0.0, 0.7]])}
+    masks = select_topk_global(scores, 3)
+    assert masks["a"].tolist() == [1] and masks["b"].tolist() == [0, 2]
+    assert masks["a"].dtype == torch.int32
+
+
+def test_ties_are_broken_by_position_deterministically():
+    scores = {"a": torch.ones(2, 3), "b": torch.ones(1, 3)}
+    assert select_topk_global(scores, 4)["a"].tolist() == [0, 1, 2, 3]
+    assert select_topk_global(scores, 4)["b"].tolist() == []
+    assert select_topk_global(scores, 7)["b"].tolist() == [0]
+
+
+def test_nan_scores_rank_last():
+    masks = select_topk_global({"a": torch.tensor([[float("nan"), 1.0, 0.5]])}, 2)
+    assert masks["a"].tolist() == [1, 2]
+
+
+def test_density_fraction_and_absolute_count():
+    scores = {"a": torch.rand(10, 10), "b": torch.rand(10, 30)}
+    assert sum(m.numel() for m in select_mask(scores, 0.05).values()) == 20
+    assert sum(m.numel() for m in select_mask(scores, 37).values()) == 37
+    with pytest.raises(ConfigError) as err:
+        select_mask(scores, 401)
+    assert err.value.param == "density"
+
+
+def test_per_layer_gives_each_module_its_share():
+    assert per_layer_counts({"a": 100, "b": 300}, 0.1) == {"a": 10, "b": 30}
+    assert sum(per_layer_counts({"a": 7, "b": 7, "c": 7}, 10).values()) == 10
+    scores = {"a": torch.arange(100.0).view(10, 10), "b": -torch.arange(300.0).view(10, 30)}
+    masks = select_mask(scores, 0.1, scope="layer")
+    assert masks["a"].tolist() == list(range(90, 100))
+    assert masks["b"].tolist() == list(range(30))
+
+
+def test_drop_and_grow_moves_the_mask_and_keeps_values():
+    current = {"a": (torch.tensor([0, 1, 2, 3], dtype=torch.int32), torch.tensor([0.9, -0.01, 0.5, 0.02]))}
+    scores = {"a": torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 1.0, 9.0, 0.0]])}
+    update = drop_and_grow(current, scores, 0.5)["a"]
+    assert update.indices.tolist() == [0, 2, 4, 6]  # dropped 1 and 3, grew 6 and 4
+    assert update.values.tolist() == [pytest.approx(0.9), pytest.approx(0.5), 0.0, 0.0]
+    assert update.source.tolist() == [0, 2, -1, -1]
+
+
+def test_global_drop_and_grow_can_move_budget_between_modules():
+    current = {
+        "a": (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0.001, 0.002])),
+        "b": (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1.0, 2.0])),
+    }
+    scores = {"a": torch.zeros(1, 4), "b": torch.tensor([[0.0, 0.0, 3.0, 4.0]])}
+    updates = drop_and_grow(current, scores, 0.5)
+    assert updates["a"].indices.numel() == 0
+    assert updates["b"].indices.tolist() == [0, 1, 2, 3]
