@@ -54,6 +54,12 @@ class DeltaMismatchError(SpeftError, ValueError):
     code = "delta_mismatch"
 
 
+class DeltaStateError(SpeftError, RuntimeError):
+    """A delta is already applied (revert it first), or none is applied when reverting."""
+
+    code = "delta_state"
+
+
 class ModelLoadError(SpeftError, ValueError):
     """A base model name or folder cannot be resolved to loadable weights."""
 

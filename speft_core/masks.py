@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 
 from .config import resolve_density
-from .sparse_linear import index_dtype
+from .delta import index_dtype
 
 
 def _topk_positions(flat: torch.Tensor, k: int) -> torch.Tensor:

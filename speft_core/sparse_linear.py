@@ -18,12 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .delta import index_dtype
 from .kernels import SparsePattern, sampled_grad
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """int32 flat indices, int64 only for weights with 2**31 entries or more (DESIGN.md §5)."""
-    return torch.int64 if numel >= 2**31 else torch.int32
 
 
 class SparseDeltaFunction(torch.autograd.Function):

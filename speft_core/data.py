@@ -1,0 +1,348 @@
+"""JSONL datasets (DESIGN.md §4): validation with line numbers, tokenisation, padding, batching.
+
+Decisions kept here once:
+- Lines are numbered from 1, blank lines included; blank lines are skipped; a UTF-8 BOM is
+  allowed at the very start of the file only; unknown keys in an object are ignored.
+- Classification labels are strings or integers; the label set is kept as strings (`str(label)`),
+  sorted numerically when every label in the file is an integer, lexicographically otherwise.
+- Causal LM rows are `{"prompt", "completion"}` (loss on the completion only) or `{"text"}`
+  (read as an empty prompt and the whole text as the completion); `text` and `completion`
+  must be non-empty, `prompt` may be empty.
+- Causal LM sequences are `[bos] + prompt + completion + [eos]` (bos/eos where the tokenizer has
+  them), truncated on the right; when that would leave no completion token, the prompt is cut on
+  the left instead so that at least one completion token stays. A truncated completion loses its
+  eos (the text goes on). Examples left with no supervised token are kept (zero loss); only a
+  dataset in which *no* example keeps one is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from .config import TASKS
+from .errors import ConfigError, DatasetFormatError
+
+if TYPE_CHECKING:  # transformers is only needed for the type
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt, bos and padding positions)
+_BOM = "\ufeff"
+_PAD_VALUES: dict[str, int] = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    """One classification row: a text (and optional second text) with its label."""
+
+    text: str
+    label: str | int
+    text_pair: str | None = None
+    line: int | None = field(default=None, compare=False)  # 1-based source line, for error messages
+
+
+@dataclass(frozen=True)
+class CausalLMExample:
+    """One causal-LM row: the loss covers the completion only (`{"text": t}` has prompt="")."""
+
+    prompt: str
+    completion: str
+    line: int | None = field(default=None, compare=False)  # 1-based source line, for error messages
+
+
+Example = ClassificationExample | CausalLMExample
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], task: str, *, max_examples: int | None = None
+) -> list[ClassificationExample] | list[CausalLMExample]:
+    """Read and validate a JSONL dataset file for `task`; stops after `max_examples` examples."""
+    with open(path, "rb") as handle:
+        return parse_jsonl_lines(handle, task, max_examples=max_examples)
+
+
+def parse_jsonl_lines(
+    lines: Iterable[bytes | str], task: str, *, max_examples: int | None = None
+) -> list[ClassificationExample] | list[CausalLMExample]:
+    """Validate JSONL lines (one item a line) for `task`; DatasetFormatError names the bad line.
+
+    Lines after the `max_examples`-th example are not read (nor validated).
+    """
+    _check_task(task)
+    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
+        raise ConfigError("max_examples must be a positive integer or None", param="max_examples")
+    parse_row = _parse_classification if task == "classification" else _parse_causal_lm
+    examples: list[Any] = []
+    for number, raw in enumerate(lines, start=1):
+        text = _decode_line(raw, number)
+        if number == 1 and text.startswith(_BOM):
+            text = text[len(_BOM) :]
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"invalid JSON ({err.msg} at column {err.colno})", line=number)
+        if not isinstance(row, dict):
+            raise DatasetFormatError(f"expected a JSON object, got {_json_type(row)}", line=number)
+        examples.append(parse_row(row, number))
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise DatasetFormatError("the file contains no examples")
+    return examples
+
+
+def label_set(examples: Sequence[ClassificationExample]) -> list[str]:
+    """Distinct labels as strings: numeric order if all labels are ints, else lexicographic."""
+    raw = {example.label for example in examples}
+    if all(_is_int(label) for label in raw):
+        return [str(label) for label in sorted({int(label) for label in raw})]
+    return sorted({str(label) for label in raw})
+
+
+def tokenize(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    *,
+    max_length: int,
+    label2id: Mapping[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Turn examples into model features (`input_ids`, `attention_mask`, ..., `labels`) for `task`.
+
+    Classification: `labels` is the class id (label2id defaults to `label_set(examples)` order);
+    a label missing from `label2id` raises DatasetFormatError naming it. Causal LM: `labels` is a
+    list, IGNORE_INDEX on bos and prompt positions. `max_length` is capped at the tokenizer's
+    `model_max_length`.
+    """
+    _check_task(task)
+    if not _is_int(max_length) or max_length < 1:
+        raise ConfigError(
+            f"max_length must be a positive integer; got {max_length!r}", param="max_length"
+        )
+    max_length = min(
+        max_length, int(getattr(tokenizer, "model_max_length", max_length) or max_length)
+    )
+    if not examples:
+        raise DatasetFormatError("the dataset contains no examples")
+    expected = ClassificationExample if task == "classification" else CausalLMExample
+    if not all(isinstance(example, expected) for example in examples):
+        raise TypeError(f"tokenize(task={task!r}) needs {expected.__name__} items")
+    if task == "classification":
+        rows = cast("Sequence[ClassificationExample]", examples)
+        return _tokenize_classification(rows, tokenizer, max_length, label2id)
+    return _tokenize_causal_lm(cast("Sequence[CausalLMExample]", examples), tokenizer, max_length)
+
+
+def collate(features: Sequence[Mapping[str, Any]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad features into tensors: ids with `pad_token_id`, masks with 0, label lists -100."""
+    if not features:
+        raise ValueError("collate needs at least one feature")
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        column = [feature[key] for feature in features]
+        if key == "labels" and all(_is_int(value) for value in column):
+            batch[key] = torch.tensor(column, dtype=torch.long)
+            continue
+        if key == "input_ids":
+            pad = pad_token_id
+        elif key in _PAD_VALUES:
+            pad = _PAD_VALUES[key]
+        else:
+            raise ValueError(f"collate does not know how to pad feature {key!r}")
+        width = max(len(values) for values in column)
+        padded = torch.full((len(column), width), pad, dtype=torch.long)
+        for row, values in enumerate(column):
+            padded[row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+        batch[key] = padded
+    return batch
+
+
+def batches(
+    features: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    *,
+    pad_token_id: int,
+    shuffle: bool,
+    seed: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield padded batches (the last one may be smaller); the order depends only on `seed`."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(
+            f"batch_size must be a positive integer; got {batch_size!r}", param="batch_size"
+        )
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(features), generator=generator).tolist()
+    else:
+        order = list(range(len(features)))
+    for start in range(0, len(order), batch_size):
+        chunk = [features[i] for i in order[start : start + batch_size]]
+        yield collate(chunk, pad_token_id=pad_token_id)
+
+
+# --- row validation -----------------------------------------------------------------------------
+
+
+def _parse_classification(row: dict[str, Any], line: int) -> ClassificationExample:
+    text = _required_str(row, "text", line, non_empty=True)
+    if "label" not in row:
+        raise DatasetFormatError("missing required field 'label'", line=line, param="label")
+    label = row["label"]
+    if not (isinstance(label, str) or _is_int(label)):
+        raise DatasetFormatError(
+            f"'label' must be a string or integer, got {_json_type(label)}",
+            line=line,
+            param="label",
+        )
+    if isinstance(label, str) and not label.strip():
+        raise DatasetFormatError("'label' must not be empty", line=line, param="label")
+    pair = row.get("text_pair")  # null counts as absent
+    if pair is not None and not isinstance(pair, str):
+        raise DatasetFormatError(
+            f"'text_pair' must be a string, got {_json_type(pair)}", line=line, param="text_pair"
+        )
+    return ClassificationExample(text=text, label=label, text_pair=pair, line=line)
+
+
+def _parse_causal_lm(row: dict[str, Any], line: int) -> CausalLMExample:
+    if "text" in row:
+        if "prompt" in row or "completion" in row:
+            raise DatasetFormatError(
+                "use either 'text' or 'prompt' and 'completion', not both", line=line, param="text"
+            )
+        return CausalLMExample(
+            prompt="", completion=_required_str(row, "text", line, non_empty=True), line=line
+        )
+    if "prompt" not in row and "completion" not in row:
+        raise DatasetFormatError(
+            "missing required field: give 'text', or 'prompt' and 'completion'",
+            line=line,
+            param="text",
+        )
+    prompt = _required_str(row, "prompt", line, non_empty=False)
+    completion = _required_str(row, "completion", line, non_empty=True)
+    return CausalLMExample(prompt=prompt, completion=completion, line=line)
+
+
+def _required_str(row: dict[str, Any], name: str, line: int, *, non_empty: bool) -> str:
+    if name not in row:
+        raise DatasetFormatError(f"missing required field {name!r}", line=line, param=name)
+    value = row[name]
+    if not isinstance(value, str):
+        raise DatasetFormatError(
+            f"{name!r} must be a string, got {_json_type(value)}", line=line, param=name
+        )
+    if non_empty and not value.strip():
+        raise DatasetFormatError(f"{name!r} must not be empty", line=line, param=name)
+    return value
+
+
+def _decode_line(raw: bytes | str, line: int) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetFormatError(
+            f"not valid UTF-8 (bad byte at offset {err.start} of the line)", line=line
+        )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}", param="task")
+
+
+# --- tokenisation -------------------------------------------------------------------------------
+
+
+def _tokenize_classification(
+    examples: Sequence[ClassificationExample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label2id: Mapping[str, int] | None,
+) -> list[dict[str, Any]]:
+    if label2id is None:
+        label2id = {label: i for i, label in enumerate(label_set(examples))}
+    ids: list[int] = []
+    for position, example in enumerate(examples, start=1):
+        label = str(example.label)
+        if label not in label2id:
+            known = ", ".join(repr(name) for name in label2id)
+            where = "" if example.line is not None else f"example {position}: "
+            raise DatasetFormatError(
+                f"{where}label {label!r} is not in the training labels ({known})",
+                line=example.line,
+                param="label",
+            )
+        ids.append(label2id[label])
+    features: list[dict[str, Any]] = [{} for _ in examples]
+    singles = [i for i, example in enumerate(examples) if example.text_pair is None]
+    pairs = [i for i, example in enumerate(examples) if example.text_pair is not None]
+    for group, with_pair in ((singles, False), (pairs, True)):
+        if not group:
+            continue
+        texts = [examples[i].text for i in group]
+        second = [examples[i].text_pair for i in group] if with_pair else None
+        encoded = tokenizer(texts, second, truncation=True, max_length=max_length)
+        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+        for row, index in enumerate(group):
+            features[index] = {key: list(encoded[key][row]) for key in keys}
+            features[index]["labels"] = ids[index]
+    return features
+
+
+def _tokenize_causal_lm(
+    examples: Sequence[CausalLMExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict[str, Any]]:
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    features: list[dict[str, Any]] = []
+    supervised_any = False
+    for prompt, completion in zip(prompts, completions):
+        prompt = list(prompt)
+        body = list(completion) + tail
+        room = max_length - len(head) - 1  # prompt tokens that still leave one completion token
+        if len(head) + len(prompt) + len(body) > max_length and len(prompt) > room:
+            prompt = prompt[len(prompt) - max(room, 0) :]
+        input_ids = (head + prompt + body)[:max_length]
+        masked = min(len(head) + len(prompt), len(input_ids))
+        labels = [IGNORE_INDEX] * masked + input_ids[masked:]
+        supervised_any = supervised_any or masked < len(input_ids)
+        features.append(
+            {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+        )
+    if not supervised_any:
+        raise DatasetFormatError(
+            f"no example keeps a completion token within max_length={max_length}; "
+            "raise max_length or shorten the prompts",
+            param="max_length",
+        )
+    return features

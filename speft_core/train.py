@@ -1,0 +1,324 @@
+"""The SPEFT training loop: score, select the mask, train the sparse delta, return it.
+
+`fine_tune(spec, ...)` runs a whole job from local files; `train_sparse(...)` is the loop on an
+already loaded model and tokenised data (the worker and notebooks use either).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from .config import JobSpec, SpeftConfig, TrainConfig
+from .delta import FORMAT, Delta, fingerprint
+from .errors import TrainingCancelled
+from .masks import MaskUpdate, drop_and_grow, select_mask
+from .models import classification_head, load_model, load_tokenizer, resolve_model
+from .salience import SalienceInputs, compute_salience
+from .sparse_linear import SparseDeltaLinear, inject_sparse_deltas, remove_sparse_deltas
+from .targets import find_target_linears
+from .tasks import batch_loss, evaluate, example_losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the step callback receives after every optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    train_loss: float
+    lr: float
+    grad_norm: float
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks the caller plugs in: progress, evaluation, free-form events, and cancellation."""
+
+    on_step: Callable[[StepReport], None] | None = None
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+    def event(self, message: str, **data: Any) -> None:
+        """Forward an event to the caller and the log."""
+        log.info("speft.train %s %s", message, data)
+        if self.on_event is not None:
+            self.on_event(message, data)
+
+
+@dataclass
+class TrainResult:
+    """The trained delta, its evaluation, and the run's bookkeeping."""
+
+    delta: Delta
+    eval: dict[str, float] = field(default_factory=dict)
+    base_eval: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0
+    steps: int = 0
+    mask_updates: int = 0
+    seconds: float = 0.0
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class _Trainer:
+    """One training run's state; `run()` does the work."""
+
+    def __init__(self, model: nn.Module, *, task: str, speft: SpeftConfig, hyper: TrainConfig,
+                 train_features: Sequence[Mapping[str, Any]],
+                 eval_features: Sequence[Mapping[str, Any]] | None, pad_token_id: int,
+                 callbacks: TrainCallbacks, device: torch.device) -> None:
+        self.model, self.task, self.speft, self.hyper = model, task, speft, hyper
+        self.train_features, self.eval_features = train_features, eval_features
+        self.pad_token_id, self.callbacks, self.device = pad_token_id, callbacks, device
+        self.scoring_round = 0
+
+    # -- data -----------------------------------------------------------------------------
+    def _batches(self, features, *, shuffle: bool, seed: int, size: int | None = None):
+        for batch in datasets.batches(features, size or self.hyper.batch_size,
+                                      pad_token_id=self.pad_token_id, shuffle=shuffle, seed=seed):
+            yield _to(batch, self.device)
+
+    def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
+        """`scoring_examples` training examples, a fresh draw each round (dynamic masks)."""
+        seed = self.hyper.seed + 7919 * (self.scoring_round + 1)
+        self.scoring_round += 1
+        count = min(self.speft.scoring_examples, len(self.train_features))
+        order = torch.randperm(len(self.train_features),
+                               generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        chosen = [self.train_features[i] for i in order]
+        return list(self._batches(chosen, shuffle=False, seed=seed))
+
+    def _eval(self) -> dict[str, float]:
+        if not self.eval_features:
+            return {}
+        with _autocast(self.device):
+            return evaluate(self.model, self._batches(self.eval_features, shuffle=False, seed=0),
+                            self.task)
+
+    # -- salience and masks ---------------------------------------------------------------
+    def _scores(self, targets: Mapping[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        inputs = SalienceInputs(
+            model=self.model, targets=targets, batches=self._scoring_batches(),
+            loss_fn=lambda m, b: example_losses(m, b, self.task), seed=self.hyper.seed,
+        )
+        with _autocast(self.device):
+            return compute_salience(self.speft.metric, inputs)
+
+    def _update_mask(self, layers: Mapping[str, SparseDeltaLinear],
+                     optimizer: torch.optim.Optimizer) -> int:
+        """Dynamic mask: re-score the current model, drop smallest |value|, grow top salience."""
+        scores = self._scores({n: layer.base for n, layer in layers.items()})
+        current = {n: (layer.indices, layer.values.detach()) for n, layer in layers.items()}
+        updates = drop_and_grow(current, scores, self.speft.update_fraction, self.speft.scope)
+        moved = 0
+        for name, layer in layers.items():
+            moved += int((updates[name].source < 0).sum())
+            _move_layer_mask(layer, updates[name], optimizer)
+        return moved
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> tuple[dict[str, SparseDeltaLinear], int, int]:
+        hyper, callbacks = self.hyper, self.callbacks
+        targets = find_target_linears(self.model, self.speft.target_modules)
+        started = time.perf_counter()
+        scores = self._scores(targets)
+        masks = select_mask(scores, self.speft.density, self.speft.scope)
+        del scores
+        nnz = sum(int(m.numel()) for m in masks.values())
+        callbacks.event("mask selected", metric=self.speft.metric, nnz=nnz,
+                        targeted=sum(t.weight.numel() for t in targets.values()),
+                        seconds=round(time.perf_counter() - started, 3))
+        layers = inject_sparse_deltas(self.model, masks)
+        optimizer = self._optimizer(layers)
+        steps_per_epoch = math.ceil(
+            math.ceil(len(self.train_features) / hyper.batch_size) / hyper.gradient_accumulation_steps
+        )
+        total = steps_per_epoch * hyper.n_epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _linear_schedule(total, int(round(hyper.warmup_ratio * total)))
+        )
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        step = mask_updates = 0
+        self.model.train()
+        for epoch in range(hyper.n_epochs):
+            for group in self._accumulation_groups(epoch):
+                self._check_cancel()
+                loss_sum = 0.0
+                for batch in group:
+                    with _autocast(self.device):
+                        loss = batch_loss(self.model, batch, self.task) / len(group)
+                    loss.backward()
+                    loss_sum += float(loss)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    trainable, hyper.max_grad_norm if hyper.max_grad_norm > 0 else float("inf")))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if callbacks.on_step is not None:
+                    callbacks.on_step(StepReport(step, total, epoch, loss_sum, lr, grad_norm))
+                if self.speft.is_dynamic and step % self.speft.update_interval == 0 and step < total:
+                    grown = self._update_mask(layers, optimizer)
+                    mask_updates += 1
+                    callbacks.event("mask updated", step=step, grown=grown)
+            metrics = self._eval()
+            if metrics and callbacks.on_eval is not None:
+                callbacks.on_eval(step, {**metrics, "epoch": epoch})
+        return layers, step, mask_updates
+
+    def _accumulation_groups(self, epoch: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        group: list[dict[str, torch.Tensor]] = []
+        for batch in self._batches(self.train_features, shuffle=True, seed=self.hyper.seed + epoch):
+            group.append(batch)
+            if len(group) == self.hyper.gradient_accumulation_steps:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _optimizer(self, layers: Mapping[str, SparseDeltaLinear]) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [{
+            "params": [layer.values for layer in layers.values()],
+            "lr": self.hyper.learning_rate, "weight_decay": self.hyper.weight_decay,
+        }]
+        if self.task == "classification":
+            head = list(classification_head(self.model).values())
+            for p in head:
+                p.requires_grad_(True)
+            groups.append({"params": head, "weight_decay": 0.0,
+                           "lr": self.hyper.head_learning_rate or self.hyper.learning_rate})
+        return torch.optim.AdamW(groups, lr=self.hyper.learning_rate)
+
+    def _check_cancel(self) -> None:
+        if self.callbacks.should_cancel is not None and self.callbacks.should_cancel():
+            raise TrainingCancelled("training cancelled on request")
+
+
+def _move_layer_mask(layer: SparseDeltaLinear, update: MaskUpdate,
+                     optimizer: torch.optim.Optimizer) -> None:
+    """Give a layer its new mask; kept entries keep their optimizer moments, new ones start at 0."""
+    state = optimizer.state.get(layer.values, {})
+    layer.set_mask(update.indices, update.values)
+    kept = update.source >= 0
+    for key, moment in list(state.items()):
+        if torch.is_tensor(moment) and moment.dim() == 1 and moment.numel() != 1:
+            moved = torch.zeros_like(layer.values)
+            moved[kept] = moment[update.source[kept].to(moment.device)]
+            state[key] = moved
+
+
+def train_sparse(
+    model: nn.Module,
+    *,
+    task: str,
+    speft: SpeftConfig,
+    hyper: TrainConfig,
+    train_features: Sequence[Mapping[str, Any]],
+    eval_features: Sequence[Mapping[str, Any]] | None = None,
+    pad_token_id: int,
+    base_model: str,
+    labels: Sequence[str] | None = None,
+    callbacks: TrainCallbacks | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train a sparse delta on a loaded model; the model's base weights are restored afterwards."""
+    callbacks = callbacks or TrainCallbacks()
+    device = device or default_device()
+    torch.manual_seed(hyper.seed)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = find_target_linears(model, speft.target_modules)
+    base_fingerprint = fingerprint(model, targets)
+    trainer = _Trainer(model, task=task, speft=speft, hyper=hyper, train_features=train_features,
+                       eval_features=eval_features, pad_token_id=pad_token_id,
+                       callbacks=callbacks, device=device)
+    started = time.perf_counter()
+    base_eval = trainer._eval()
+    if base_eval:
+        callbacks.event("base model evaluated", **base_eval)
+    try:
+        layers, steps, mask_updates = trainer.run()
+        final_eval = trainer._eval()
+    finally:
+        modules = remove_sparse_deltas(model)  # restores the base weights bit for bit
+    extras = {}
+    if task == "classification":
+        extras = {n: p.detach().cpu().clone() for n, p in classification_head(model).items()}
+    nnz = sum(int(i.numel()) for i, _ in modules.values())
+    delta = Delta(
+        modules={n: (i.cpu(), v.cpu()) for n, (i, v) in modules.items()},
+        extras=extras,
+        metadata={
+            "format": FORMAT, "base_model": base_model, "base_fingerprint": base_fingerprint,
+            "metric": speft.metric, "density": str(speft.density), "nnz": str(nnz), "task": task,
+            "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
+        },
+    )
+    return TrainResult(delta=delta, eval=final_eval, base_eval=base_eval,
+                       trainable_params=nnz + sum(e.numel() for e in extras.values()),
+                       steps=steps, mask_updates=mask_updates,
+                       seconds=time.perf_counter() - started)
+
+
+def fine_tune(
+    spec: JobSpec,
+    *,
+    callbacks: TrainCallbacks | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Run a whole job from local JSONL files: load data and model, train, return the delta."""
+    hyper = spec.hyperparameters
+    source = resolve_model(spec.model, spec.task)
+    train_examples = datasets.read_jsonl(spec.training_file, spec.task)
+    eval_examples = (datasets.read_jsonl(spec.validation_file, spec.task)
+                     if spec.validation_file else None)
+    tokenizer = load_tokenizer(source.path)
+    labels = datasets.label_set(train_examples) if spec.task == "classification" else None
+    label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    model = load_model(source.path, spec.task, labels=labels)
+    tokenize = lambda examples: datasets.tokenize(  # noqa: E731
+        examples, tokenizer, spec.task, max_length=hyper.max_length, label2id=label2id)
+    return train_sparse(
+        model, task=spec.task, speft=spec.speft, hyper=hyper,
+        train_features=tokenize(train_examples),
+        eval_features=tokenize(eval_examples) if eval_examples else None,
+        pad_token_id=tokenizer.pad_token_id, base_model=source.name, labels=labels,
+        callbacks=callbacks, device=device,
+    )
