@@ -136,6 +136,9 @@ def save_delta(delta: Delta, path: str | os.PathLike[str]) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(blob)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved delta is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
