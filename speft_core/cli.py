@@ -5,7 +5,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -60,7 +60,7 @@ def load_spec(spec_path: Path) -> JobSpec:
 def train(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC.json", help="job body (REST shape)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write the delta")],
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Train a sparse delta from SPEC.json and write it to --out."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -140,7 +141,7 @@ class JobSpec:
         _check_choice("task", self.task, TASKS)
 
     @classmethod
-    def from_dict(cls, body: Mapping[str, Any]) -> "JobSpec":
+    def from_dict(cls, body: Mapping[str, Any]) -> JobSpec:
         """Build a spec from a REST-style job body; unknown or invalid fields raise ConfigError."""
         if not isinstance(body, Mapping):
             raise ConfigError("the job spec must be a JSON object")
@@ -234,7 +235,7 @@ def _check_density(density: Any) -> None:
         )
 
 
-def resolve_density(density: float | int, total: int) -> int:
+def resolve_density(density: float, total: int) -> int:
     """Number of entries to train: `density` as a fraction of `total`, or an absolute count."""
     if density > 1:
         count = int(density)

@@ -5,8 +5,8 @@ module order, then flat index). NaN scores rank below every number.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -53,7 +53,7 @@ def select_topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, 
     return masks
 
 
-def per_layer_counts(sizes: Mapping[str, int], density: float | int) -> dict[str, int]:
+def per_layer_counts(sizes: Mapping[str, int], density: float) -> dict[str, int]:
     """Entries per module for per-layer top-k: the same fraction of each, summing to the total."""
     total = sum(sizes.values())
     want = resolve_density(density, total)
@@ -67,7 +67,7 @@ def per_layer_counts(sizes: Mapping[str, int], density: float | int) -> dict[str
 
 
 def select_topk_per_layer(
-    scores: Mapping[str, torch.Tensor], density: float | int
+    scores: Mapping[str, torch.Tensor], density: float
 ) -> dict[str, torch.Tensor]:
     """The top entries of each module separately, each module getting its share of the budget."""
     counts = per_layer_counts({n: s.numel() for n, s in scores.items()}, density)
@@ -78,7 +78,7 @@ def select_topk_per_layer(
 
 
 def select_mask(
-    scores: Mapping[str, torch.Tensor], density: float | int, scope: str = "global"
+    scores: Mapping[str, torch.Tensor], density: float, scope: str = "global"
 ) -> dict[str, torch.Tensor]:
     """Top-k masks for a density (fraction or count) and scope ('global' or 'layer')."""
     if scope == "layer":

@@ -1,7 +1,7 @@
 """Per-task losses and evaluation: classification and causal LM (loss on completion tokens)."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,7 +153,8 @@ class _Trainer:
         return moved
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self) -> tuple[dict[str, SparseDeltaLinear], int, int]:
+    def run(self) -> tuple[int, int, dict[str, float]]:
+        """Select the mask and train; returns the steps, mask updates and last evaluation."""
         hyper, callbacks = self.hyper, self.callbacks
         targets = find_target_linears(self.model, self.speft.target_modules)
         started = time.perf_counter()
@@ -174,6 +176,7 @@ class _Trainer:
         )
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         step = mask_updates = 0
+        metrics: dict[str, float] = {}
         self.model.train()
         for epoch in range(hyper.n_epochs):
             for group in self._accumulation_groups(epoch):
@@ -183,7 +186,8 @@ class _Trainer:
                     with _autocast(self.device):
                         loss = batch_loss(self.model, batch, self.task) / len(group)
                     loss.backward()
-                    loss_sum += float(loss)
+                    loss_sum += loss.item()
+                del loss  # free the graph: a mask update may resize the values it points to
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     trainable, hyper.max_grad_norm if hyper.max_grad_norm > 0 else float("inf")))
                 lr = scheduler.get_last_lr()[0]
@@ -200,7 +204,7 @@ class _Trainer:
             metrics = self._eval()
             if metrics and callbacks.on_eval is not None:
                 callbacks.on_eval(step, {**metrics, "epoch": epoch})
-        return layers, step, mask_updates
+        return step, mask_updates, metrics
 
     def _accumulation_groups(self, epoch: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         group: list[dict[str, torch.Tensor]] = []
@@ -234,10 +238,11 @@ def _move_layer_mask(layer: SparseDeltaLinear, update: MaskUpdate,
                      optimizer: torch.optim.Optimizer) -> None:
     """Give a layer its new mask; kept entries keep their optimizer moments, new ones start at 0."""
     state = optimizer.state.get(layer.values, {})
+    old_shape = layer.values.shape
     layer.set_mask(update.indices, update.values)
     kept = update.source >= 0
     for key, moment in list(state.items()):
-        if torch.is_tensor(moment) and moment.dim() == 1 and moment.numel() != 1:
+        if torch.is_tensor(moment) and moment.shape == old_shape:  # per entry, not the step count
             moved = torch.zeros_like(layer.values)
             moved[kept] = moment[update.source[kept].to(moment.device)]
             state[key] = moved
@@ -274,8 +279,7 @@ def train_sparse(
     if base_eval:
         callbacks.event("base model evaluated", **base_eval)
     try:
-        layers, steps, mask_updates = trainer.run()
-        final_eval = trainer._eval()
+        steps, mask_updates, final_eval = trainer.run()
     finally:
         modules = remove_sparse_deltas(model)  # restores the base weights bit for bit
     extras = {}
@@ -312,8 +316,9 @@ def fine_tune(
     tokenizer = load_tokenizer(source.path)
     labels = datasets.label_set(train_examples) if spec.task == "classification" else None
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    torch.manual_seed(hyper.seed)  # a new classification head is drawn here: same seed, same head
     model = load_model(source.path, spec.task, labels=labels)
-    tokenize = lambda examples: datasets.tokenize(  # noqa: E731
+    tokenize = lambda examples: datasets.tokenize(
         examples, tokenizer, spec.task, max_length=hyper.max_length, label2id=label2id)
     return train_sparse(
         model, task=spec.task, speft=spec.speft, hyper=hyper,

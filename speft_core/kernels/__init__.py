@@ -39,7 +39,7 @@ class SparsePattern:
     shape: tuple[int, int]
 
     @classmethod
-    def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> "SparsePattern":
+    def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
         """Build every layout the kernels need, once per mask (never per step)."""
         n_out, n_in = shape
         flat = indices.to(torch.int64)

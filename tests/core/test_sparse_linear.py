@@ -111,7 +111,7 @@ def test_merge_keeps_delta_in_base():
 def test_sparse_training_matches_dense_masked_reference_for_5_steps():
     """Same loss trajectory as training a dense weight whose gradient is masked (fp32, 1e-5)."""
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))  # noqa: E731
+    make = lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
     sparse_model, dense_model = make(), make()
     dense_model.load_state_dict(sparse_model.state_dict())
     masks = {"0": _random_mask((32, 16), 50, seed=1), "2": _random_mask((4, 32), 12, seed=2)}
