@@ -23,6 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("sddmm_cpu.cpp")
+# -fopenmp matters: at::parallel_for is an inline OpenMP pragma, serial without it.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
@@ -37,6 +40,10 @@ class SparsePattern:
     cols: torch.Tensor  # (k,) column of each entry
     crow: torch.Tensor  # (n_out + 1,) CSR row pointers, for sampled_addmm
     shape: tuple[int, int]
+    used_rows: torch.Tensor  # sorted distinct rows holding an entry
+    used_cols: torch.Tensor  # sorted distinct columns holding an entry
+    row_pos: torch.Tensor  # (k,) position of each entry's row in used_rows
+    col_pos: torch.Tensor  # (k,) position of each entry's column in used_cols
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
@@ -46,8 +53,11 @@ class SparsePattern:
         rows, cols = flat // n_in, flat % n_in
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=indices.device)
         crow[1:] = torch.bincount(rows, minlength=n_out).cumsum(0)
+        used_rows, row_pos = torch.unique(rows, sorted=True, return_inverse=True)
+        used_cols, col_pos = torch.unique(cols, sorted=True, return_inverse=True)
         dtype = indices.dtype
-        return cls(indices, rows.to(dtype), cols.to(dtype), crow.to(dtype), (n_out, n_in))
+        return cls(indices, rows.to(dtype), cols.to(dtype), crow.to(dtype), (n_out, n_in),
+                   used_rows.to(dtype), used_cols.to(dtype), row_pos.to(dtype), col_pos.to(dtype))
 
     @property
     def nnz(self) -> int:
@@ -59,6 +69,7 @@ def _extension_name() -> str:
     """Name keyed by source, CPU and torch version, so a cached build never runs on the wrong CPU."""
     key = hashlib.sha256()
     key.update(_SOURCE.read_bytes())
+    key.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     key.update(platform.machine().encode() + platform.processor().encode())
     key.update(torch.__version__.encode())
     try:
@@ -86,7 +97,8 @@ def load_cpu_extension() -> ModuleType | None:
                 _cpu_ext = load(
                     name=_extension_name(),
                     sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
                     verbose=False,
                 )
                 log.info("speft: built CPU SDDMM kernel %s", _extension_name())
@@ -118,7 +130,8 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
     if grad_out.device.type == "cpu" and grad_out.dtype in (torch.float32, torch.float64):
         ext = load_cpu_extension()
         if ext is not None:
-            return ext.sampled_grad(grad_out, x, pattern.rows, pattern.cols)
+            return ext.sampled_grad(grad_out, x, pattern.used_rows, pattern.used_cols,
+                                    pattern.row_pos, pattern.col_pos)
     if grad_out.dtype in (torch.float16, torch.bfloat16):
         grad_out, x = grad_out.float(), x.float()
     return _sampled_addmm(grad_out, x, pattern)

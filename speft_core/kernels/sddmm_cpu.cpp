@@ -6,7 +6,9 @@
 // needs t-minor data, but transposing g and x whole costs more than the dots themselves, so
 // the T axis is cut into tiles of TILE rows: each thread transposes one tile of g and x into
 // small buffers that stay in its L2 cache, then runs k contiguous dots of length TILE over them
-// and adds into its own accumulator. Accumulators are summed in a fixed order: deterministic
+// and adds into its own accumulator. Only the rows of g and columns of x that the mask uses are
+// transposed (`used_rows`, `used_cols`; each entry addresses them by its compacted position),
+// so the copy shrinks with the mask. Accumulators are summed in a fixed order: deterministic
 // for a given thread count. Entries sorted by row keep a row of the g tile hot in L1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -16,27 +18,30 @@ namespace {
 
 constexpr int64_t TILE = 64;
 
-template <typename scalar_t>
-void transpose_tile(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, scalar_t* dst) {
-    // src: rows x cols (leading dimension ld) -> dst: cols x TILE (only the first `rows` filled)
+template <typename scalar_t, typename index_t>
+void gather_transpose_tile(const scalar_t* src, int64_t ld, int64_t rows, const index_t* used,
+                           int64_t n_used, scalar_t* dst) {
+    // dst[u * TILE + r] = src[r * ld + used[u]] for r < rows: the used columns of a row tile
     constexpr int64_t B = 16;
-    for (int64_t c0 = 0; c0 < cols; c0 += B) {
-        const int64_t c1 = std::min(c0 + B, cols);
+    for (int64_t u0 = 0; u0 < n_used; u0 += B) {
+        const int64_t u1 = std::min(u0 + B, n_used);
         for (int64_t r = 0; r < rows; ++r) {
             const scalar_t* s = src + r * ld;
-            for (int64_t c = c0; c < c1; ++c) dst[c * TILE + r] = s[c];
+            for (int64_t u = u0; u < u1; ++u) dst[u * TILE + r] = s[used[u]];
         }
     }
 }
 
 template <typename scalar_t, typename index_t>
-void sddmm_kernel(const scalar_t* g, const scalar_t* x, const index_t* rows, const index_t* cols,
-                  int64_t T, int64_t n_out, int64_t n_in, int64_t k, scalar_t* out) {
+void sddmm_kernel(const scalar_t* g, const scalar_t* x, const index_t* used_rows, int64_t n_rows,
+                  const index_t* used_cols, int64_t n_cols, const index_t* rows,
+                  const index_t* cols, int64_t T, int64_t n_out, int64_t n_in, int64_t k,
+                  scalar_t* out) {
     const int64_t n_tiles = (T + TILE - 1) / TILE;
     const int n_threads = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
     std::vector<std::vector<scalar_t>> partial(n_threads, std::vector<scalar_t>(k, scalar_t(0)));
     at::parallel_for(0, n_threads, 1, [&](int64_t w0, int64_t w1) {
-        std::vector<scalar_t> gt(n_out * TILE), xt(n_in * TILE);
+        std::vector<scalar_t> gt(n_rows * TILE), xt(n_cols * TILE);
         for (int64_t w = w0; w < w1; ++w) {
             scalar_t* acc = partial[w].data();
             // worker w takes a contiguous, fixed range of tiles (deterministic split)
@@ -47,8 +52,8 @@ void sddmm_kernel(const scalar_t* g, const scalar_t* x, const index_t* rows, con
                     std::fill(gt.begin(), gt.end(), scalar_t(0));
                     std::fill(xt.begin(), xt.end(), scalar_t(0));
                 }
-                transpose_tile(g + t0 * n_out, n_out, len, n_out, gt.data());
-                transpose_tile(x + t0 * n_in, n_in, len, n_in, xt.data());
+                gather_transpose_tile(g + t0 * n_out, n_out, len, used_rows, n_rows, gt.data());
+                gather_transpose_tile(x + t0 * n_in, n_in, len, used_cols, n_cols, xt.data());
                 for (int64_t j = 0; j < k; ++j) {
                     const scalar_t* a = gt.data() + static_cast<int64_t>(rows[j]) * TILE;
                     const scalar_t* b = xt.data() + static_cast<int64_t>(cols[j]) * TILE;
@@ -69,28 +74,31 @@ void sddmm_kernel(const scalar_t* g, const scalar_t* x, const index_t* rows, con
 
 }  // namespace
 
-torch::Tensor sampled_grad(torch::Tensor g, torch::Tensor x, torch::Tensor rows, torch::Tensor cols) {
+torch::Tensor sampled_grad(torch::Tensor g, torch::Tensor x, torch::Tensor used_rows,
+                           torch::Tensor used_cols, torch::Tensor rows, torch::Tensor cols) {
+    // rows[j] / cols[j]: positions of entry j's row in used_rows and column in used_cols
     TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0), "g (T,out) and x (T,in) expected");
     TORCH_CHECK(g.scalar_type() == x.scalar_type(), "g and x must share a dtype");
-    TORCH_CHECK(rows.scalar_type() == cols.scalar_type() && rows.numel() == cols.numel(), "rows/cols mismatch");
+    const auto itype = rows.scalar_type();
+    TORCH_CHECK(cols.scalar_type() == itype && used_rows.scalar_type() == itype &&
+                used_cols.scalar_type() == itype && rows.numel() == cols.numel(), "index mismatch");
     g = g.contiguous();
     x = x.contiguous();
     const int64_t k = rows.numel();
     auto out = torch::empty({k}, g.options());
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sampled_grad", [&] {
-        if (rows.scalar_type() == torch::kInt32) {
-            sddmm_kernel<scalar_t, int32_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                rows.data_ptr<int32_t>(), cols.data_ptr<int32_t>(), g.size(0), g.size(1), x.size(1), k,
-                out.data_ptr<scalar_t>());
-        } else {
-            sddmm_kernel<scalar_t, int64_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), g.size(0), g.size(1), x.size(1), k,
-                out.data_ptr<scalar_t>());
-        }
+        AT_DISPATCH_INDEX_TYPES(itype, "sampled_grad_index", [&] {
+            sddmm_kernel<scalar_t, index_t>(
+                g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                used_rows.data_ptr<index_t>(), used_rows.numel(),
+                used_cols.data_ptr<index_t>(), used_cols.numel(),
+                rows.data_ptr<index_t>(), cols.data_ptr<index_t>(),
+                g.size(0), g.size(1), x.size(1), k, out.data_ptr<scalar_t>());
+        });
     });
     return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("sampled_grad", &sampled_grad, "out[j] = sum_t g[t, rows[j]] * x[t, cols[j]]");
+    m.def("sampled_grad", &sampled_grad, "out[j] = sum_t g[t, used_rows[rows[j]]] * x[t, used_cols[cols[j]]]");
 }
