@@ -8,6 +8,9 @@ Methods (every one also trains a fresh dense `classifier` head; model.train() fo
   speft             speft_core.sparse_linear.inject_sparse_deltas (patched W, SDDMM gradient)
   lora_r8           HF peft LoRA r=8, alpha 16, dropout 0, on the same 36 target Linears
   lora_same_params  LoRA whose adapter parameter count is closest to SPEFT's k (alpha = 2r)
+  frozen_backprop   frozen base, only the head trains, but the backward runs through every
+                    layer to the embeddings (grad_x everywhere, no weight gradient): the floor
+                    that any method training inside the layers (speft, LoRA, reference) pays
   head_only         (opt-in via --methods) frozen base, only the head trains; the backward
                     stops at the head, so this is the forward-pass floor of every method
 
@@ -66,7 +69,8 @@ from torch import nn
 
 log = logging.getLogger("bench.train_step")
 
-METHODS: tuple[str, ...] = ("full", "reference", "speft", "lora_r8", "lora_same_params")
+METHODS: tuple[str, ...] = ("full", "reference", "speft", "lora_r8", "lora_same_params",
+                            "frozen_backprop")
 # Not run by default: frozen base, only the head trains, so the backward stops at the head:
 # a forward-pass floor (plus dropout), not the floor of a method that back-propagates to x.
 EXTRA_METHODS: tuple[str, ...] = ("head_only",)
@@ -202,6 +206,15 @@ def setup_head_only(model: nn.Module, mask_info: Mapping[str, Any]) -> Prepared:
     return Prepared(model, 0, {})
 
 
+def setup_frozen_backprop(model: nn.Module, mask_info: Mapping[str, Any]) -> Prepared:
+    """Frozen base, dense head, gradients forced down to the embeddings (the in-layer floor)."""
+    model.requires_grad_(False)
+    _train_head(model)
+    embeddings = model.get_input_embeddings()
+    embeddings.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
+    return Prepared(model, 0, {})
+
+
 def setup_reference(model: nn.Module, mask_info: Mapping[str, Any]) -> Prepared:
     """Frozen base, DenseScatterDeltaLinear on each masked target, dense head."""
     model.requires_grad_(False)
@@ -277,6 +290,7 @@ SETUPS: dict[str, Callable[[nn.Module, Mapping[str, Any]], Prepared]] = {
     "lora_r8": setup_lora_r8,
     "lora_same_params": setup_lora_same_params,
     "head_only": setup_head_only,
+    "frozen_backprop": setup_frozen_backprop,
 }
 
 
