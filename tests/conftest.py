@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Fixtures that start real services live in their own modules.
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.databases"]
+
 
 def _shared(env: str, default: str) -> Path:
     return Path(os.environ.get(env, str(REPO.parent / "shared" / default))).resolve()
