@@ -26,9 +26,15 @@ MAX_LENGTH = 8192
 MAX_SCORING_EXAMPLES = 100_000
 
 
+# Validators that read this attribute (pydantic, in the REST schemas) refuse unknown fields.
+_REFUSE_UNKNOWN_FIELDS = {"extra": "forbid"}
+
+
 @dataclass(frozen=True)
 class SpeftConfig:
     """How the sparse delta is chosen and maintained."""
+
+    __pydantic_config__ = _REFUSE_UNKNOWN_FIELDS
 
     metric: str = field(default="gradient", metadata={"help": "salience metric (see speft_core.METRICS)"})
     density: float | int = field(
@@ -94,6 +100,8 @@ class SpeftConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation hyperparameters (the REST job's `hyperparameters`)."""
+
+    __pydantic_config__ = _REFUSE_UNKNOWN_FIELDS
 
     n_epochs: int = 3
     batch_size: int = 32
