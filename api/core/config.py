@@ -1,0 +1,158 @@
+"""Service settings from `SPEFT_*` environment variables (DESIGN.md §2), validated on construction.
+
+Built by `get_settings()` (cached per process), never at import, so tests build `Settings(...)`
+directly or call `get_settings.cache_clear()` after changing the environment.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+ENV_PREFIX = "SPEFT_"
+MiB = 1024 * 1024
+
+# A tenant name as it may appear in SPEFT_API_KEYS, SPEFT_DEFAULT_TENANT and the tenants table.
+TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STORAGE_SCHEMES = ("file", "s3")
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
+def _env(field: str) -> str:
+    """The environment variable that sets `field` (used in every error message)."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def parse_api_keys(value: str) -> dict[str, str]:
+    """Parse `key1:tenantA,key2:tenantB` into {key: tenant}; raise ValueError naming SPEFT_API_KEYS."""
+    keys: dict[str, str] = {}
+    var = _env("api_keys")
+    for position, entry in enumerate(value.split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key, sep, tenant = entry.rpartition(":")
+        key, tenant = key.strip(), tenant.strip()
+        if not sep or not key or not tenant:
+            raise ValueError(
+                f"{var}: entry {position} is not 'key:tenant' "
+                f"(expected 'key1:tenantA,key2:tenantB')"
+            )
+        if not TENANT_NAME_RE.match(tenant):
+            raise ValueError(
+                f"{var}: entry {position} has an invalid tenant name {tenant!r} "
+                "(letters, digits, '_', '.', '-'; at most 64)"
+            )
+        if key in keys:
+            raise ValueError(f"{var}: entry {position} repeats a key already given")
+        keys[key] = tenant
+    return keys
+
+
+class Settings(BaseSettings):
+    """Everything the API and worker read from the environment (prefix SPEFT_)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///./var/speft.db"
+    broker_url: str | None = None  # None: the embedded broker
+    storage_url: str = "file://./var/storage"
+    s3_endpoint_url: str | None = None
+    api_keys: str = ""  # "key1:tenantA,key2:tenantB"; empty: single-tenant open mode
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 100 * MiB
+    max_file_lines: int = 1_000_000
+    default_tenant: str = "default"
+    worker_queue: str = "cpu"
+    models_dir: Path | None = None  # folder of server-side model folders to register
+
+    @field_validator("broker_url", "s3_endpoint_url", "models_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError as err:
+            raise ValueError(f"{_env('database_url')}: not a database URL: {value!r}") from err
+        if backend not in DATABASE_BACKENDS:
+            raise ValueError(
+                f"{_env('database_url')}: backend {backend!r} is not supported "
+                f"(use sqlite:///path or postgresql+psycopg://...)"
+            )
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in STORAGE_SCHEMES or not rest:
+            raise ValueError(
+                f"{_env('storage_url')}: expected file://PATH or s3://BUCKET[/PREFIX]; got {value!r}"
+            )
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _check_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"{_env('port')}: must be in [1, 65535]; got {value}")
+        return value
+
+    @field_validator("max_upload_bytes", "max_file_lines")
+    @classmethod
+    def _check_positive(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{_env(info.field_name)}: must be a positive integer; got {value}")
+        return value
+
+    @field_validator("default_tenant")
+    @classmethod
+    def _check_default_tenant(cls, value: str) -> str:
+        if not TENANT_NAME_RE.match(value):
+            raise ValueError(f"{_env('default_tenant')}: invalid tenant name {value!r}")
+        return value
+
+    @field_validator("worker_queue")
+    @classmethod
+    def _check_worker_queue(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"{_env('worker_queue')}: must not be empty")
+        return value
+
+    @property
+    def api_key_tenants(self) -> dict[str, str]:
+        """SPEFT_API_KEYS as {key: tenant name}; empty in single-tenant open mode."""
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def open_mode(self) -> bool:
+        """True when no API keys are configured (single tenant, loopback only)."""
+        return not self.api_key_tenants
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker URL is set and jobs run in the embedded queue."""
+        return self.broker_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once (clear with get_settings.cache_clear())."""
+    return Settings()

@@ -1,0 +1,115 @@
+"""Database engine and sessions, one engine per process, and schema migration through Alembic.
+
+SQLite (the embedded default) runs in WAL mode with foreign keys on and a busy timeout, so the
+API and worker threads can share one file; Postgres pings pooled connections before use.
+The schema is only ever created by `upgrade_database` (`alembic upgrade head`), also in tests.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+# migrations/ sits beside the api package in the source tree (also under an editable install).
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+_lock = threading.Lock()
+_migration_lock = threading.Lock()  # Alembic's context is process-global: one migration at a time
+_engine: Engine | None = None
+_sessions: sessionmaker[Session] | None = None
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
+    """A new engine for `url`, configured for SQLite (WAL, foreign keys, busy timeout) or Postgres."""
+    url = make_url(url)
+    if url.get_backend_name() == "sqlite":
+        connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+        connect_args.update(engine_kwargs.pop("connect_args", {}))
+        if _is_memory_sqlite(url):
+            engine_kwargs.setdefault("poolclass", StaticPool)
+        elif url.database:
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args=connect_args, **engine_kwargs)
+        event.listen(engine, "connect", _enable_sqlite_pragmas)
+        return engine
+    engine_kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **engine_kwargs)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session maker bound to `engine`; objects stay readable after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def get_engine() -> Engine:
+    """This process's engine for `SPEFT_DATABASE_URL`, built on first use."""
+    global _engine, _sessions
+    with _lock:
+        if _engine is None:
+            from .config import get_settings
+
+            _engine = make_engine(get_settings().database_url)
+            _sessions = session_factory(_engine)
+        return _engine
+
+
+def get_session_factory() -> sessionmaker[Session]:
+    """This process's session maker, bound to `get_engine()`."""
+    get_engine()
+    assert _sessions is not None  # set together with _engine
+    return _sessions
+
+
+def dispose_engine(*, close: bool = False) -> None:
+    """Forget this process's engine and pool (call in Celery `worker_process_init`).
+
+    With `close=False` (right after a fork) pooled connections inherited from the parent are
+    dropped without being closed, so the parent's sockets are left alone; pass `close=True`
+    at shutdown. The next `get_engine()` builds a fresh engine from the current settings.
+    """
+    global _engine, _sessions
+    with _lock:
+        engine, _engine, _sessions = _engine, None, None
+    if engine is not None:
+        engine.dispose(close=close)
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic config for this repo's migrations against `url` (default: SPEFT_DATABASE_URL)."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise RuntimeError(f"migrations folder not found at {MIGRATIONS_DIR}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        # An attribute, not the ini option: configparser would mangle '%' in passwords.
+        config.attributes["url"] = make_url(url) if isinstance(url, str) else url
+    return config
+
+
+def upgrade_database(url: str | URL | None = None, revision: str = "head") -> None:
+    """Migrate the database at `url` (default: SPEFT_DATABASE_URL) up to `revision`."""
+    with _migration_lock:
+        command.upgrade(alembic_config(url), revision)

@@ -1,0 +1,92 @@
+"""A real Celery worker process consumes our messages over Redis and over the embedded broker."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from api.core.config import Settings
+from worker.celery_app import broker_url, create_celery
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBE_MODULE = textwrap.dedent('''
+    import os, pathlib
+    from api.core.config import Settings
+    from worker.celery_app import create_celery
+
+    app = create_celery(Settings(database_url=os.environ["PROBE_DB"],
+                                 broker_url=os.environ.get("PROBE_BROKER") or None,
+                                 worker_queue=os.environ["PROBE_QUEUE"]))
+
+    @app.task(name="probe.touch")
+    def touch(path):
+        pathlib.Path(path).write_text(str(os.getpid()))
+''')
+
+
+def _redis_up() -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_reliability_settings():
+    app = create_celery(Settings(database_url="sqlite:///./var/x.db"))
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1 and conf.task_ignore_result
+
+
+def test_embedded_broker_sits_beside_the_sqlite_database(tmp_path):
+    url = broker_url(Settings(database_url=f"sqlite:///{tmp_path}/db/speft.db"))
+    assert url == f"sqla+sqlite:///{tmp_path}/db/broker.sqlite"
+    assert broker_url(Settings(broker_url="redis://127.0.0.1:6379/3")) == "redis://127.0.0.1:6379/3"
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_worker_process_runs_a_task(tmp_path, monkeypatch, broker):
+    if broker == "redis" and not _redis_up():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not reachable on 127.0.0.1:6379 in CI")
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    (tmp_path / "probe_tasks.py").write_text(PROBE_MODULE)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}",
+           "PROBE_DB": f"sqlite:///{tmp_path}/speft.db",
+           "PROBE_BROKER": "redis://127.0.0.1:6379/15" if broker == "redis" else "",
+           "PROBE_QUEUE": f"probe-{uuid.uuid4().hex[:8]}"}
+    for key in ("PROBE_DB", "PROBE_BROKER", "PROBE_QUEUE"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "probe_tasks", "worker", "--pool", "solo",
+         "-Q", env["PROBE_QUEUE"], "--loglevel", "WARNING", "--without-heartbeat",
+         "--without-gossip", "--without-mingle"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import probe_tasks
+
+        out = tmp_path / "touched"
+        probe_tasks.touch.delay(str(out))
+        deadline = time.monotonic() + 60
+        while not out.exists() and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+        assert out.exists(), "the worker did not run the task"
+        assert int(out.read_text()) == worker.pid  # ran in the worker process, not here
+    finally:
+        worker.terminate()
+        try:
+            output = worker.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            output = worker.communicate()[0]
+        sys.modules.pop("probe_tasks", None)
+    assert "Traceback" not in (output or ""), output

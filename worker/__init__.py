@@ -1,0 +1,1 @@
+"""Celery workers that run fine-tuning jobs (the task code is the same for every broker)."""

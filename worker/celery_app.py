@@ -1,0 +1,71 @@
+"""The Celery app: Redis in production, an embedded SQLite-backed transport by default.
+
+Reliability settings (STYLE.md, Sentry/Superset practice): tasks are acknowledged only after
+they finish (`acks_late`) and re-queued if the worker process dies (`reject_on_worker_lost`);
+each worker reserves one message at a time (prefetch 1); job state lives in the database,
+never in a result backend; the DB pool is disposed after fork so children never share sockets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from celery.signals import worker_process_init
+from sqlalchemy.engine import make_url
+
+from api.core.config import Settings, get_settings
+
+
+
+REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def embedded_broker_url(settings: Settings) -> str:
+    """kombu's SQLAlchemy transport on a SQLite file beside the database (or in ./var)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).expanduser().resolve().parent
+    else:
+        folder = Path("var").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqla+sqlite:///{folder / 'broker.sqlite'}"
+
+
+def broker_url(settings: Settings) -> str:
+    """SPEFT_BROKER_URL, or the embedded transport when it is unset."""
+    return settings.broker_url or embedded_broker_url(settings)
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from settings (tests pass their own)."""
+    settings = settings or get_settings()
+    url = broker_url(settings)
+    app = Celery("speft", broker=url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.worker_queue,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    if url.startswith(("redis://", "rediss://")):
+        # An unacknowledged job message comes back only after this long: longer than a job.
+        app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+    return app
+
+
+@worker_process_init.connect
+def _dispose_db_pool_after_fork(**_: object) -> None:
+    """A forked worker child must not reuse the parent's database connections."""
+    from api.core.db import dispose_engine
+
+    dispose_engine()
+
+
+app = create_celery()
