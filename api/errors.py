@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.core.storage import StorageError, StorageUnavailable
 from speft_core.errors import SpeftError
 
 
@@ -96,6 +97,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpeftError)
     async def _core_error(_: Request, exc: SpeftError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message, param=exc.param), status_code=400)
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, StorageUnavailable):  # nothing was written: retry later
+            return JSONResponse(
+                error_body(ServiceUnavailable.code, f"storage unavailable: {exc.message}",
+                           error_type=ServiceUnavailable.error_type), status_code=503)
+        # A stored object missing or corrupt behind a live row is our fault, said plainly.
+        return JSONResponse(error_body("storage_error", f"stored object unreadable: {exc.message}",
+                                       error_type="api_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -44,6 +44,14 @@ class FileList(BaseModel):
     data: list[FileObject]
 
 
+class FileDeleted(BaseModel):
+    """DELETE /v1/files/{id} answer."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
 class ModelObject(BaseModel):
     """A registered base model."""
 

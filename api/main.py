@@ -1,0 +1,64 @@
+"""The FastAPI app: `create_app(settings)` wires database, storage, routers and error handlers."""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from api.core.config import Settings, get_settings
+from api.core.db import make_engine, session_factory, upgrade_database
+from api.core.storage import Storage, StorageUnavailable, open_storage
+from api.errors import install_error_handlers
+from api.routes import files, health, models
+from api.services import tenants
+from api.services.models import register_builtin_models
+
+log = logging.getLogger(__name__)
+
+
+def open_app_storage(settings: Settings) -> Storage:
+    """The configured storage; if it is down at startup, opened without creating it (readyz says so)."""
+    try:
+        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    except StorageUnavailable as err:
+        log.warning("storage unavailable at startup: %s", err.message)
+        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url,
+                            create=False)
+
+
+def _prepare_database(app: FastAPI) -> None:
+    """Migrate to head, sync configured API keys and register the built-in base models."""
+    settings: Settings = app.state.settings
+    upgrade_database(settings.database_url)
+    with app.state.sessions.begin() as session:
+        tenants.sync_configured_keys(session, settings=settings)
+        register_builtin_models(session)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Startup: storage, migrations, keys and models; shutdown: close the pool."""
+    app.state.storage = await run_in_threadpool(open_app_storage, app.state.settings)
+    await run_in_threadpool(_prepare_database, app)
+    try:
+        yield
+    finally:
+        app.state.engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app for `settings` (default: the environment); storage and schema are set up at startup."""
+    settings = settings or get_settings()
+    app = FastAPI(title="speft", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.database_url)
+    app.state.sessions = session_factory(app.state.engine)
+    app.state.broker_check = None  # a callable raising when the broker is down; None: skipped
+    install_error_handlers(app)
+    app.include_router(files.router, prefix="/v1")
+    app.include_router(models.router, prefix="/v1")
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,72 @@
+"""`/v1/files`: upload, list, read, download and delete datasets."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import StreamingResponse
+
+from api.core.models import File
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.schemas import FileDeleted, FileList, FileObject
+from api.services import files
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+
+def file_object(row: File) -> FileObject:
+    """The public view of a file."""
+    return FileObject(id=row.id, bytes=row.bytes, filename=row.filename, purpose=row.purpose,
+                      created_at=int(row.created_at.timestamp()), sha256=row.sha256,
+                      num_examples=row.num_examples, task=row.task)
+
+
+@router.post("", response_model=FileObject)
+def upload_file(
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> FileObject:
+    """Upload a JSONL dataset; it is validated now (400 names the first bad line)."""
+    row = files.create_file(
+        session, storage=storage, tenant_id=tenant.id, filename=file.filename or "upload.jsonl",
+        purpose=purpose, data=file.file, max_bytes=settings.max_upload_bytes,
+        max_lines=settings.max_file_lines,
+    )
+    return file_object(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
+    """The tenant's files, newest first."""
+    return FileList(data=[file_object(row) for row in files.list_files(session, tenant_id=tenant.id)])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
+    """One file's metadata."""
+    return file_object(files.get_file(session, tenant_id=tenant.id, file_id=file_id))
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse)
+def get_file_content(file_id: str, session: SessionDep, storage: StorageDep,
+                     tenant: TenantDep) -> StreamingResponse:
+    """The file's bytes as uploaded."""
+    row, chunks = files.file_content(session, storage=storage, tenant_id=tenant.id,
+                                     file_id=file_id)
+    return StreamingResponse(
+        chunks, media_type="application/octet-stream",
+        headers={"Content-Length": str(row.bytes),
+                 "Content-Disposition": f'attachment; filename="{row.id}.jsonl"'},
+    )
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, session: SessionDep, storage: StorageDep,
+                tenant: TenantDep) -> FileDeleted:
+    """Delete a file (its bytes are removed; jobs that used it keep their record)."""
+    row = files.delete_file(session, storage=storage, tenant_id=tenant.id, file_id=file_id)
+    return FileDeleted(id=row.id)

@@ -1,0 +1,52 @@
+"""App fixtures: `make_client(**settings)` builds `create_app` on a tmp SQLite file and storage folder
+and returns a started TestClient; `backend_client` runs the same on SQLite + local folder and on
+Postgres + S3 (moto)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from api.core.config import Settings
+from api.main import create_app
+
+ClientFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[ClientFactory]:
+    """A factory of started TestClients; settings default to tmp SQLite and a tmp storage folder."""
+    with ExitStack() as stack:
+
+        def factory(**overrides: Any) -> TestClient:
+            values: dict[str, Any] = {
+                "database_url": f"sqlite:///{tmp_path / 'speft.db'}",
+                "storage_url": f"file://{tmp_path / 'storage'}",
+            }
+            values.update(overrides)
+            app = create_app(Settings(**values))
+            return stack.enter_context(TestClient(app))
+
+        yield factory
+
+
+@pytest.fixture
+def backend_settings(migrated_db: Engine, request: pytest.FixtureRequest,
+                     tmp_path: Path) -> dict[str, Any]:
+    """Settings for both stacks: SQLite + file:// storage, and Postgres + s3:// on moto."""
+    url = migrated_db.url.render_as_string(hide_password=False)
+    if migrated_db.dialect.name == "postgresql":
+        return {"database_url": url, "storage_url": request.getfixturevalue("s3_storage_url"),
+                "s3_endpoint_url": request.getfixturevalue("s3_endpoint")}
+    return {"database_url": url, "storage_url": f"file://{tmp_path / 'storage'}"}
+
+
+@pytest.fixture
+def backend_client(backend_settings: dict[str, Any], make_client: ClientFactory) -> TestClient:
+    """A started client in open mode on each backend stack (closed before the database is emptied)."""
+    return make_client(**backend_settings)
