@@ -15,8 +15,6 @@ from sqlalchemy.engine import make_url
 
 from api.core.config import Settings, get_settings
 
-
-
 REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
 
 
@@ -40,7 +38,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     """A Celery app configured from settings (tests pass their own)."""
     settings = settings or get_settings()
     url = broker_url(settings)
-    app = Celery("speft", broker=url)
+    app = Celery("speft", broker=url, include=["worker.tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -113,3 +113,11 @@ def upgrade_database(url: str | URL | None = None, revision: str = "head") -> No
     """Migrate the database at `url` (default: SPEFT_DATABASE_URL) up to `revision`."""
     with _migration_lock:
         command.upgrade(alembic_config(url), revision)
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT for `table` with the session's dialect's ON CONFLICT clauses (SQLite or Postgres)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)

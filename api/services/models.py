@@ -9,9 +9,9 @@ from safetensors import safe_open
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.core.db import dialect_insert
 from api.core.models import RegisteredModel, utcnow
 from api.errors import NotFound
-from api.services import dialect_insert
 from speft_core.models import registered_models
 
 

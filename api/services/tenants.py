@@ -5,8 +5,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
+from api.core.db import dialect_insert
 from api.core.models import ApiKey, Tenant, api_key_prefix, hash_api_key, new_id, utcnow
-from api.services import dialect_insert
 
 
 def get_or_create_tenant(session: Session, *, name: str) -> Tenant:

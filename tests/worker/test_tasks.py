@@ -1,0 +1,218 @@
+"""run_job in-process on a migrated SQLite database, local storage and real sst2 lines with MiniLM."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.core.config import get_settings
+from api.core.db import dispose_engine, make_engine, session_factory, upgrade_database
+from api.core.models import (
+    Adapter,
+    File,
+    Job,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+    MetricKind,
+    RegisteredModel,
+    Tenant,
+)
+from api.core.storage import Storage
+from api.services.jobs import INTERNAL_ERROR, USER_ERROR, request_cancel
+from worker import tasks
+from worker.celery_app import app
+
+SPEC = {
+    "model": "minilm-l6", "task": "classification",
+    "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 2000,
+                                          "scoring_examples": 32}},
+    "hyperparameters": {"n_epochs": 1, "batch_size": 16, "max_length": 32, "seed": 0},
+}
+
+
+class Service:
+    """The database and storage a worker process sees, plus helpers to make rows."""
+
+    def __init__(self, sessions: sessionmaker[Session], storage: Storage, data_dir: Path) -> None:
+        self.sessions, self.storage, self.data_dir = sessions, storage, data_dir
+        with sessions() as session:
+            tenant = Tenant(name="acme")
+            session.add(tenant)
+            session.add(RegisteredModel(id="minilm-l6", task="classification", params=22_700_000))
+            session.commit()
+            self.tenant_id = tenant.id
+
+    def upload(self, name: str, lines: list[str]) -> str:
+        """Store JSONL lines as a file object and its File row; returns the file id."""
+        data = ("\n".join(lines) + "\n").encode()
+        with self.sessions() as session:
+            row = File(tenant_id=self.tenant_id, filename=name, purpose="fine-tune",
+                       bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                       storage_key="", num_examples=len(lines))
+            session.add(row)
+            session.flush()
+            row.storage_key = f"files/{row.id}.jsonl"
+            self.storage.put(row.storage_key, data)
+            session.commit()
+            return row.id
+
+    def sst2(self, split: str, count: int) -> list[str]:
+        with open(self.data_dir / "sst2" / f"{split}.jsonl", encoding="utf-8") as handle:
+            return [next(handle).rstrip("\n") for _ in range(count)]
+
+    def make_job(self, training_lines: list[str] | None = None) -> str:
+        """A queued job on 64 sst2 training lines (or the given ones) and 32 dev lines."""
+        training = self.upload("train.jsonl", training_lines or self.sst2("train", 64))
+        validation = self.upload("dev.jsonl", self.sst2("dev", 32))
+        with self.sessions() as session:
+            job = Job(tenant_id=self.tenant_id, model="minilm-l6", status=JobStatus.QUEUED,
+                      training_file=training, validation_file=validation,
+                      spec={**SPEC, "training_file": training, "validation_file": validation})
+            session.add(job)
+            session.commit()
+            return job.id
+
+    def job(self, job_id: str) -> Job:
+        with self.sessions() as session:
+            return session.get(Job, job_id)
+
+    def count(self, model: type, job_id: str) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(model)
+                                  .where(model.job_id == job_id))
+
+    def adapter_objects(self) -> list[Path]:
+        return sorted((Path(self.storage.root) / "adapters").glob("*"))
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch, data_dir) -> Iterator[Service]:
+    """SPEFT_* pointed at a migrated SQLite file and a storage folder in tmp_path."""
+    url = f"sqlite:///{tmp_path / 'speft.db'}"
+    upgrade_database(url)
+    monkeypatch.setenv("SPEFT_DATABASE_URL", url)
+    monkeypatch.setenv("SPEFT_STORAGE_URL", f"file://{tmp_path / 'storage'}")
+    get_settings.cache_clear()
+    dispose_engine()
+    tasks.get_storage.cache_clear()
+    engine = make_engine(url)
+    try:
+        yield Service(session_factory(engine), tasks.get_storage(), data_dir)
+    finally:
+        engine.dispose()
+        dispose_engine(close=True)
+        tasks.get_storage.cache_clear()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_task_is_registered_by_name_and_acked_late():
+    task = app.tasks["speft.run_job"]
+    assert task.name == tasks.run_job.name == "speft.run_job"
+    assert task.acks_late and task.reject_on_worker_lost
+
+
+def test_job_succeeds_with_adapter_metrics_and_events_and_a_redelivery_does_nothing(service):
+    job_id = service.make_job()
+    tasks.run_job.run(job_id)
+
+    job = service.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED, (job.error_code, job.error_message)
+    assert job.attempts == 1 and job.worker and job.finished_at is not None
+    assert (job.progress_step, job.progress_total) == (4, 4) and job.trainable_params > 0
+    with service.sessions() as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.job_id == job_id))
+        metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                 .order_by(JobEvent.id)).all()
+    assert adapter.id == job.adapter_id and adapter.nnz == 2000 and adapter.metric == "magnitude"
+    assert adapter.base_model == "minilm-l6" and adapter.tenant_id == service.tenant_id
+    assert set(adapter.eval) >= {"eval_loss", "eval_accuracy"}
+    content = service.storage.get(adapter.storage_key, sha256=adapter.sha256)
+    assert len(content) == adapter.bytes
+    assert [m.step for m in metrics if m.kind == MetricKind.TRAIN] == [1, 2, 3, 4]
+    assert [m.step for m in metrics if m.kind == MetricKind.EVAL] == [4]
+    messages = [e.message for e in events]
+    assert messages[0] == "job started" and messages[-1] == "job succeeded"
+    assert "mask selected" in messages
+
+    tasks.run_job.run(job_id)  # the broker delivers the message again: nothing changes
+    assert service.job(job_id).status == JobStatus.SUCCEEDED
+    assert service.count(Adapter, job_id) == 1 and service.count(JobEvent, job_id) == len(events)
+    assert len(service.adapter_objects()) == 1
+
+
+def test_bad_training_line_fails_as_user_error(service):
+    lines = service.sst2("train", 8)
+    lines[2] = '{"text": "broken", "label": '
+    job_id = service.make_job(lines)
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, USER_ERROR)
+    assert "line 3" in job.error_message
+    assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+def test_cancel_before_start_means_no_training(service):
+    job_id = service.make_job()
+    with service.sessions() as session:
+        assert request_cancel(session, job_id=job_id)
+        session.commit()
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert job.status == JobStatus.CANCELLED and job.started_at is None
+    assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+def test_cancel_while_running_stops_between_steps(service, monkeypatch):
+    job_id = service.make_job()
+    monkeypatch.setattr(tasks, "CANCEL_POLL_S", 0.0)
+    record_progress = tasks.record_progress
+
+    def cancel_then_record(session, **report):
+        if report["step"] == 1:
+            with service.sessions() as other:
+                assert request_cancel(other, job_id=job_id)
+                other.commit()
+        return record_progress(session, **report)
+
+    monkeypatch.setattr(tasks, "record_progress", cancel_then_record)
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert job.status == JobStatus.CANCELLED and job.progress_step == 1
+    assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+def test_unexpected_error_is_an_internal_error(service, monkeypatch):
+    def explode(spec, **_):
+        raise RuntimeError("boom at /secret/path")
+
+    monkeypatch.setattr(tasks, "fine_tune", explode)
+    job_id = service.make_job()
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, INTERNAL_ERROR)
+    assert job.error_message == "internal error: RuntimeError"
+
+
+def test_success_that_loses_to_a_cancel_leaves_no_adapter_object(service, monkeypatch):
+    job_id = service.make_job()
+
+    def train_then_get_cancelled(spec, **_):
+        with service.sessions() as other:  # the cancel lands after the last cancel check
+            assert request_cancel(other, job_id=job_id)
+            other.commit()
+        return SimpleNamespace(delta=SimpleNamespace(nnz=1), eval={}, trainable_params=1)
+
+    monkeypatch.setattr(tasks, "fine_tune", train_then_get_cancelled)
+    monkeypatch.setattr(tasks, "delta_to_bytes", lambda delta: json.dumps({"fake": 1}).encode())
+    tasks.run_job.run(job_id)
+    assert service.job(job_id).status == JobStatus.CANCELLED
+    assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []

@@ -1,0 +1,212 @@
+"""The Celery task that runs a fine-tuning job: claim it, train with speft_core, record the outcome.
+
+`run_job(job_id)` takes an id, never an object; all state lives in the database (status changes go
+through `api.services.jobs`, one function per transition). A redelivered message for a job that is
+already running or finished does nothing (the claim is refused). An adapter object is uploaded
+before the success transition and deleted again when that transition loses (the job was cancelled
+or failed meanwhile), so no adapter row ever points at a missing object and no orphan stays.
+
+Storage and the database are built from `get_settings()` once per process (`get_storage()`,
+`api.core.db.get_engine()`); tests point them elsewhere by setting `SPEFT_*` and calling
+`get_settings.cache_clear()`, `dispose_engine()` and `get_storage.cache_clear()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.core.config import get_settings
+from api.core.db import get_session_factory
+from api.core.models import File, Job, RegisteredModel, new_id
+from api.core.storage import Storage, open_storage
+from api.services.jobs import (
+    INTERNAL_ERROR,
+    USER_ERROR,
+    add_event,
+    claim_job,
+    finish_cancelled,
+    finish_failed,
+    finish_succeeded,
+    is_cancel_requested,
+    record_eval,
+    record_progress,
+)
+from speft_core.config import JobSpec
+from speft_core.delta import delta_to_bytes
+from speft_core.errors import SpeftError, TrainingCancelled
+from speft_core.models import registered_models
+from speft_core.train import StepReport, TrainCallbacks, TrainResult, fine_tune
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
+
+
+def adapter_key(adapter_id: str) -> str:
+    """The storage key of an adapter's delta file."""
+    return f"adapters/{adapter_id}.safetensors"
+
+
+@functools.cache
+def get_storage() -> Storage:
+    """This process's object storage, from SPEFT_STORAGE_URL (clear with get_storage.cache_clear())."""
+    settings = get_settings()
+    return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+
+
+def worker_name() -> str:
+    """host:pid of this worker process, recorded on the job it claims."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@app.task(name="speft.run_job")
+def run_job(job_id: str) -> None:
+    """Run one fine-tuning job to a terminal status; does nothing unless the job is queued."""
+    with get_session_factory()() as session:
+        worker = worker_name()
+        claimed = claim_job(session, job_id=job_id, worker=worker)
+        session.commit()
+        if not claimed:
+            log.info("speft.job not claimed (not queued) job_id=%s worker=%s", job_id, worker)
+            return
+        log.info("speft.job claimed job_id=%s worker=%s", job_id, worker)
+        try:
+            with _local_spec(session, job_id) as spec:
+                result = fine_tune(spec, callbacks=_JobRecorder(session, job_id).callbacks())
+            _publish(session, job_id, spec, result)
+        except TrainingCancelled:
+            session.rollback()
+            finish_cancelled(session, job_id=job_id)
+            session.commit()
+            log.info("speft.job cancelled job_id=%s", job_id)
+        except SpeftError as err:
+            session.rollback()
+            finish_failed(session, job_id=job_id, code=USER_ERROR, message=err.message,
+                          param=err.param)
+            session.commit()
+            log.info("speft.job failed job_id=%s code=%s error=%r", job_id, USER_ERROR, err.message)
+        except Exception as err:
+            log.exception("speft.job internal error job_id=%s", job_id)
+            session.rollback()
+            finish_failed(session, job_id=job_id, code=INTERNAL_ERROR,
+                          message=f"internal error: {type(err).__name__}")
+            session.commit()
+
+
+@contextlib.contextmanager
+def _local_spec(session: Session, job_id: str) -> Iterator[JobSpec]:
+    """The job's stored body as a JobSpec whose files are verified local copies."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} vanished after being claimed")
+    storage = get_storage()
+    body = dict(job.spec)
+    body["model"] = _model_reference(session, job.model)
+    with contextlib.ExitStack() as stack:
+        for field, file_id in (("training_file", job.training_file),
+                               ("validation_file", job.validation_file)):
+            body[field] = None
+            if file_id is not None:
+                row = session.get(File, file_id)
+                if row is None:
+                    raise LookupError(f"{field} {file_id} of job {job_id} not found")
+                path: Path = stack.enter_context(storage.open_local(row.storage_key,
+                                                                    sha256=row.sha256))
+                body[field] = str(path)
+        session.commit()  # end the read transaction before training starts
+        yield JobSpec.from_dict(body)
+
+
+def _model_reference(session: Session, model: str) -> str:
+    """What speft_core loads for a registered base model: its built-in name, else its local folder."""
+    if model in registered_models():
+        return model
+    row = session.get(RegisteredModel, model)
+    if row is None or not row.local_path:
+        raise LookupError(f"base model {model!r} has no weights available to this worker")
+    return row.local_path
+
+
+def _publish(session: Session, job_id: str, spec: JobSpec, result: TrainResult) -> None:
+    """Upload the delta and make the job succeeded; the object is deleted unless the job is."""
+    storage = get_storage()
+    adapter_id = new_id("adapter")
+    key = adapter_key(adapter_id)
+    stored = storage.put(key, delta_to_bytes(result.delta))
+    try:
+        succeeded = finish_succeeded(
+            session, job_id=job_id, adapter_id=adapter_id, storage_key=key,
+            nnz=result.delta.nnz, density=float(spec.speft.density), metric=spec.speft.metric,
+            bytes=stored.size, sha256=stored.sha256, eval=_json_safe(result.eval),
+            trainable_params=result.trainable_params,
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(key)
+        raise
+    if succeeded:
+        log.info("speft.job succeeded job_id=%s adapter_id=%s", job_id, adapter_id)
+        return
+    storage.delete(key)
+    cancelled = finish_cancelled(session, job_id=job_id)  # a cancel that came after the last step
+    session.commit()
+    log.info("speft.job finished elsewhere, adapter discarded job_id=%s cancelled=%s",
+             job_id, cancelled)
+
+
+class _JobRecorder:
+    """Training callbacks that write progress, metrics and events to the job and poll for cancel."""
+
+    def __init__(self, session: Session, job_id: str) -> None:
+        self.session, self.job_id = session, job_id
+        self.stop = False
+        self.last_poll = float("-inf")
+
+    def callbacks(self) -> TrainCallbacks:
+        """The TrainCallbacks to hand to speft_core."""
+        return TrainCallbacks(on_step=self.on_step, on_eval=self.on_eval,
+                              on_event=self.on_event, should_cancel=self.should_cancel)
+
+    def on_step(self, report: StepReport) -> None:
+        """Progress, heartbeat and one train metric row, committed at once."""
+        active = record_progress(self.session, job_id=self.job_id, step=report.step,
+                                 total=report.total_steps, train_loss=report.train_loss,
+                                 lr=report.lr, grad_norm=report.grad_norm)
+        self.session.commit()
+        self.stop = self.stop or not active
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """One eval metric row and event."""
+        record_eval(self.session, job_id=self.job_id, step=step, metrics=_json_safe(metrics))
+        self.session.commit()
+
+    def on_event(self, message: str, data: dict[str, Any]) -> None:
+        """A free-form training event."""
+        add_event(self.session, job_id=self.job_id, message=message, data=_json_safe(data))
+        self.session.commit()
+
+    def should_cancel(self) -> bool:
+        """True once the job is no longer active or a cancel was requested (read every few seconds)."""
+        now = time.monotonic()
+        if not self.stop and now - self.last_poll >= CANCEL_POLL_S:
+            self.last_poll = now
+            self.stop = is_cancel_requested(self.session, job_id=self.job_id)
+            self.session.commit()
+        return self.stop
+
+
+def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `data` that a JSON column accepts (numbers stay numbers, the rest become strings)."""
+    return json.loads(json.dumps(data, default=str))
