@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export SPEFT_DATA_DIR ?= $(abspath ../shared/data)
 export SPEFT_MODELS_DIR ?= $(abspath ../shared/models)
 
-.PHONY: install test test-quick bench clean
+.PHONY: install run test test-quick bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# API + worker in the foreground on the embedded default (SQLite, ./var/storage, embedded
+# broker); Ctrl-C stops both.
+run: install
+	$(PY) -m api.cli run
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

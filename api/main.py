@@ -12,8 +12,9 @@ from api.core.config import Settings, get_settings
 from api.core.db import make_engine, session_factory, upgrade_database
 from api.core.storage import Storage, StorageUnavailable, open_storage
 from api.errors import install_error_handlers
-from api.routes import files, health, models
+from api.routes import adapters, files, health, jobs, models
 from api.services import tenants
+from api.services.job_requests import CeleryEnqueuer
 from api.services.models import register_builtin_models
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessions = session_factory(app.state.engine)
-    app.state.broker_check = None  # a callable raising when the broker is down; None: skipped
+    # enqueue_job(job_id): called after the job row is committed; tests replace it.
+    app.state.enqueue_job = CeleryEnqueuer(settings)
+    # A callable raising when the broker is down (readyz); the enqueuer probes its own broker.
+    app.state.broker_check = app.state.enqueue_job.check
     install_error_handlers(app)
     app.include_router(files.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(adapters.router, prefix="/v1")
     app.include_router(health.router)
     return app

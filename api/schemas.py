@@ -208,3 +208,11 @@ class AdapterList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[AdapterObject]
+
+
+class AdapterDeleted(BaseModel):
+    """DELETE /v1/adapters/{id} answer."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True

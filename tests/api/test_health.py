@@ -15,7 +15,7 @@ def test_readyz_reports_every_check(make_client):
     response = make_client().get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "checks": {
-        "database": "ok", "storage": "ok", "broker": "not configured"}}
+        "database": "ok", "storage": "ok", "broker": "ok"}}  # the embedded broker, really probed
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
@@ -49,6 +49,14 @@ def test_app_starts_and_readyz_is_503_when_s3_is_unreachable(make_client):
     assert response.status_code == 503
     assert response.json()["error"]["param"] == "storage"
     assert "not reachable" in response.json()["checks"]["storage"]
+
+
+def test_readyz_is_503_naming_the_broker_when_redis_is_unreachable(make_client):
+    client = make_client(broker_url="redis://127.0.0.1:1/0")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["error"]["param"] == "broker"
+    assert response.json()["checks"]["database"] == "ok"
 
 
 def test_readyz_runs_the_broker_hook(make_client):

@@ -1,0 +1,48 @@
+"""`/v1/adapters`: list, read, download and delete trained sparse deltas."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from api.deps import SessionDep, StorageDep, TenantDep
+from api.schemas import AdapterDeleted, AdapterList, AdapterObject
+from api.services import adapters
+from api.services.adapters import adapter_object
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+@router.get("", response_model=AdapterList)
+def list_adapters(session: SessionDep, tenant: TenantDep) -> AdapterList:
+    """The tenant's adapters, newest first."""
+    rows = adapters.list_adapters(session, tenant_id=tenant.id)
+    return AdapterList(data=[adapter_object(row) for row in rows])
+
+
+@router.get("/{adapter_id}", response_model=AdapterObject)
+def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> AdapterObject:
+    """One adapter's metadata."""
+    return adapter_object(adapters.get_adapter(session, tenant_id=tenant.id,
+                                               adapter_id=adapter_id))
+
+
+@router.get("/{adapter_id}/content", response_class=StreamingResponse)
+def get_adapter_content(adapter_id: str, session: SessionDep, storage: StorageDep,
+                        tenant: TenantDep) -> StreamingResponse:
+    """The adapter's delta file (safetensors), verified against its sha256 while streaming."""
+    row, chunks = adapters.adapter_content(session, storage=storage, tenant_id=tenant.id,
+                                           adapter_id=adapter_id)
+    return StreamingResponse(
+        chunks, media_type="application/octet-stream",
+        headers={"Content-Length": str(row.bytes),
+                 "Content-Disposition": f'attachment; filename="{row.id}.safetensors"'},
+    )
+
+
+@router.delete("/{adapter_id}", response_model=AdapterDeleted)
+def delete_adapter(adapter_id: str, session: SessionDep, storage: StorageDep,
+                   tenant: TenantDep) -> AdapterDeleted:
+    """Delete an adapter (its delta file is removed; the job keeps its record)."""
+    row = adapters.delete_adapter(session, storage=storage, tenant_id=tenant.id,
+                                  adapter_id=adapter_id)
+    return AdapterDeleted(id=row.id)

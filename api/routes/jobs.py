@@ -1,0 +1,86 @@
+"""`/v1/fine_tuning/jobs`: create (idempotent), list, read, cancel; events and metrics."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+
+from api.core.models import JobStatus
+from api.deps import SessionDep, TenantDep
+from api.schemas import JobCreate, JobEventList, JobList, JobMetricList, JobObject
+from api.services import job_requests
+from api.services.job_requests import event_object, job_object
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+
+
+@router.post("", response_model=JobObject, status_code=status.HTTP_201_CREATED,
+             responses={200: {"model": JobObject,
+                              "description": "an Idempotency-Key replay: the earlier job"}})
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                                  max_length=255)] = None,
+) -> JobObject:
+    """Create a queued job (201); a replayed Idempotency-Key with the same body returns it (200).
+
+    The row is committed before the run message is sent. If sending fails (broker down) the job
+    still exists and stays queued with an "enqueue failed" event, and the answer is still 201:
+    a 2xx means the job exists, and a reconciler re-enqueues queued jobs later.
+    """
+    job, created = job_requests.create_job(session, tenant_id=tenant.id, body=body,
+                                           idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return job_object(job)
+    session.commit()
+    job_requests.enqueue_created_job(session, enqueue=request.app.state.enqueue_job,
+                                     job_id=job.id)
+    return job_object(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    """The tenant's jobs, newest first; pass the last id as `after` for the next page."""
+    rows, has_more = job_requests.list_jobs(session, tenant_id=tenant.id, limit=limit,
+                                            after=after, status=status)
+    return JobList(data=[job_object(row) for row in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+    """One job."""
+    return job_object(job_requests.get_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+    """Cancel a job: at once if not started, else `cancel_requested`; 409 if already finished."""
+    return job_object(job_requests.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.get("/{job_id}/events", response_model=JobEventList)
+def list_job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventList:
+    """The job's events, oldest first."""
+    rows = job_requests.list_events(session, tenant_id=tenant.id, job_id=job_id)
+    return JobEventList(data=[event_object(row) for row in rows])
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetricList)
+def list_job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> JobMetricList:
+    """The job's metrics, one row per step (train and eval values merged)."""
+    return JobMetricList(data=job_requests.list_metrics(session, tenant_id=tenant.id,
+                                                        job_id=job_id))
