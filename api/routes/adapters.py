@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, StorageDep, TenantDep
+from api.routes import download_response
 from api.schemas import AdapterDeleted, AdapterList, AdapterObject
 from api.services import adapters
 from api.services.adapters import adapter_object
@@ -32,11 +33,7 @@ def get_adapter_content(adapter_id: str, session: SessionDep, storage: StorageDe
     """The adapter's delta file (safetensors), verified against its sha256 while streaming."""
     row, chunks = adapters.adapter_content(session, storage=storage, tenant_id=tenant.id,
                                            adapter_id=adapter_id)
-    return StreamingResponse(
-        chunks, media_type="application/octet-stream",
-        headers={"Content-Length": str(row.bytes),
-                 "Content-Disposition": f'attachment; filename="{row.id}.safetensors"'},
-    )
+    return download_response(chunks, size=row.bytes, filename=f"{row.id}.safetensors")
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)

@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from api.core.models import File
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.routes import download_response
 from api.schemas import FileDeleted, FileList, FileObject
 from api.services import files
 
@@ -57,11 +58,7 @@ def get_file_content(file_id: str, session: SessionDep, storage: StorageDep,
     """The file's bytes as uploaded."""
     row, chunks = files.file_content(session, storage=storage, tenant_id=tenant.id,
                                      file_id=file_id)
-    return StreamingResponse(
-        chunks, media_type="application/octet-stream",
-        headers={"Content-Length": str(row.bytes),
-                 "Content-Disposition": f'attachment; filename="{row.id}.jsonl"'},
-    )
+    return download_response(chunks, size=row.bytes, filename=f"{row.id}.jsonl")
 
 
 @router.delete("/{file_id}")
