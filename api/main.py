@@ -12,6 +12,7 @@ from api.core.config import Settings, get_settings
 from api.core.db import make_engine, session_factory, upgrade_database
 from api.core.storage import Storage, StorageUnavailable, open_storage
 from api.errors import install_error_handlers
+from api.observability import install_metrics
 from api.routes import adapters, files, health, jobs, models
 from api.services import tenants
 from api.services.job_requests import CeleryEnqueuer
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A callable raising when the broker is down (readyz); the enqueuer probes its own broker.
     app.state.broker_check = app.state.enqueue_job.check
     install_error_handlers(app)
+    app.state.metrics_registry = install_metrics(app, app.state.sessions)
     app.include_router(files.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")

@@ -1,0 +1,76 @@
+"""Prometheus metrics: request counts and latency per route, and jobs by status at scrape time.
+
+Each app gets its own CollectorRegistry, so several apps in one process (tests) never clash.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.core.models import Job, JobStatus
+
+
+class JobStatusCollector(Collector):
+    """`speft_jobs{status}`: how many jobs are in each status, read from the database."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One gauge sample per status (zero where none)."""
+        family = GaugeMetricFamily("speft_jobs", "Jobs by status", labels=["status"])
+        with self.sessions() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for status in JobStatus:
+            family.add_metric([status.value], float(counts.get(status.value, 0)))
+        yield family
+
+
+def _route_template(request: Request) -> str:
+    """The matched route with its parameters as `{name}` (ids never become label values)."""
+    if request.scope.get("route") is None:
+        return "unmatched"
+    path = request.url.path
+    for name, value in request.path_params.items():
+        path = path.replace(f"/{value}", f"/{{{name}}}")
+    return path
+
+
+def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
+    """Count and time every request by route template, and serve GET /metrics."""
+    registry = CollectorRegistry()
+    requests = Counter("speft_http_requests", "HTTP requests", ["method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("speft_http_request_duration_seconds", "HTTP request latency",
+                        ["method", "route"], registry=registry)
+    registry.register(JobStatusCollector(sessions))
+
+    @app.middleware("http")
+    async def _measure(request: Request,
+                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        template = _route_template(request)
+        latency.labels(request.method, template).observe(time.perf_counter() - started)
+        requests.labels(request.method, template, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return registry
