@@ -35,6 +35,8 @@ app.command()(train)
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
+models_app = typer.Typer(help="Base models (server-side administration).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -366,3 +368,30 @@ def adapters_download(
 
 if __name__ == "__main__":
     app()
+
+
+@models_app.command("register")
+def models_register(
+    model_id: Annotated[str, typer.Argument(metavar="NAME", help="the model id users will name")],
+    path: Annotated[Path, typer.Option(help="HF model folder, inside SPEFT_MODELS_DIR")],
+    task: Annotated[str, typer.Option(help="classification or causal_lm")] = "classification",
+) -> None:
+    """Register a server-side model folder as a base model (writes the database directly)."""
+    from api.core.db import make_engine, session_factory, upgrade_database
+    from api.errors import ApiError
+    from api.services.models import register_local_model
+
+    settings = load_settings()
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as session, session.begin():
+            row = register_local_model(session, model_id=model_id, task=task, path=path,
+                                       models_dir=settings.models_dir)
+            typer.echo(json.dumps({"id": row.id, "object": "model", "task": row.task,
+                                   "params": row.params, "path": row.local_path}))
+    except ApiError as err:
+        console.print(f"[red]error ({err.param}):[/red] {err.message}")
+        raise typer.Exit(code=2) from err
+    finally:
+        engine.dispose()
