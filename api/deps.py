@@ -45,13 +45,15 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def get_tenant(
+    request: Request,
     settings: SettingsDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     """The calling tenant: the API key's owner, or the default tenant in open mode; else 401."""
     if settings.open_mode:
-        return tenants.get_or_create_tenant(session, name=settings.default_tenant)
+        cached = getattr(request.app.state, "open_tenant", None)  # set at start-up
+        return cached or tenants.get_or_create_tenant(session, name=settings.default_tenant)
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -38,6 +38,9 @@ def _prepare_database(app: FastAPI) -> None:
     with app.state.sessions.begin() as session:
         tenants.sync_configured_keys(session, settings=settings)
         register_builtin_models(session)
+        if settings.open_mode:  # one tenant for every request: resolved once, not per request
+            app.state.open_tenant = tenants.get_or_create_tenant(
+                session, name=settings.default_tenant)
 
 
 @asynccontextmanager

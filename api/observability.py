@@ -5,9 +5,9 @@ Each app gets its own CollectorRegistry, so several apps in one process (tests) 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.models import Job, JobStatus
 
@@ -39,14 +40,41 @@ class JobStatusCollector(Collector):
         yield family
 
 
-def _route_template(request: Request) -> str:
+def _route_template(scope: Scope) -> str:
     """The matched route with its parameters as `{name}` (ids never become label values)."""
-    if request.scope.get("route") is None:
+    if scope.get("route") is None:
         return "unmatched"
-    path = request.url.path
-    for name, value in request.path_params.items():
+    path = scope["path"]
+    for name, value in (scope.get("path_params") or {}).items():
         path = path.replace(f"/{value}", f"/{{{name}}}")
     return path
+
+
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware (no per-request task or body streaming like BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            template = _route_template(scope)  # the router filled scope["route"] in place
+            self.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
+            self.requests.labels(scope["method"], template, str(status)).inc()
 
 
 def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
@@ -57,16 +85,7 @@ def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorR
     latency = Histogram("speft_http_request_duration_seconds", "HTTP request latency",
                         ["method", "route"], registry=registry)
     registry.register(JobStatusCollector(sessions))
-
-    @app.middleware("http")
-    async def _measure(request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        template = _route_template(request)
-        latency.labels(request.method, template).observe(time.perf_counter() - started)
-        requests.labels(request.method, template, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestMetricsMiddleware, requests=requests, latency=latency)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
