@@ -7,12 +7,12 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.models import File, new_id, utcnow
+from api.core.models import File, new_id
 from api.core.storage import ObjectTooLarge, Storage
-from api.errors import InvalidRequest, NotFound, PayloadTooLarge
+from api.errors import InvalidRequest, PayloadTooLarge
+from api.services import stored_objects
 from speft_core.data import parse_jsonl_lines
 from speft_core.errors import DatasetFormatError
 
@@ -129,33 +129,23 @@ def create_file(
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
     """The tenant's live file `file_id`; NotFound for missing, deleted or another tenant's files."""
-    row = session.scalar(select(File).where(
-        File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None)
-    ))
-    if row is None:
-        raise NotFound(f"no such file: {file_id}", param="file_id")
-    return row
+    return stored_objects.get_live(session, File, tenant_id=tenant_id, object_id=file_id,
+                                   noun="file", param="file_id")
 
 
 def list_files(session: Session, *, tenant_id: str) -> list[File]:
     """The tenant's live files, newest first."""
-    return list(session.scalars(
-        select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
-        .order_by(File.created_at.desc(), File.id.desc())
-    ))
+    return stored_objects.list_live(session, File, tenant_id=tenant_id)
 
 
 def file_content(session: Session, *, storage: Storage, tenant_id: str,
                  file_id: str) -> tuple[File, Iterator[bytes]]:
     """The tenant's file and its bytes as a stream verified against the recorded sha256."""
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
-    return row, storage.stream(row.storage_key, sha256=row.sha256)
+    return row, stored_objects.verified_stream(storage, row)
 
 
 def delete_file(session: Session, *, storage: Storage, tenant_id: str, file_id: str) -> File:
     """Soft-delete the tenant's file (jobs keep their link) and remove its bytes."""
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
-    row.deleted_at = utcnow()
-    session.flush()
-    storage.delete(row.storage_key)
-    return row
+    return stored_objects.soft_delete(session, storage, row)
