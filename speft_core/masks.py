@@ -96,7 +96,7 @@ class MaskUpdate:
     source: torch.Tensor
 
 
-def _drop_grow_counts(
+def _entries_to_keep(
     current: Mapping[str, tuple[torch.Tensor, torch.Tensor]], fraction: float, scope: str
 ) -> dict[str, torch.Tensor]:
     """Which entries to keep: name -> bool mask over its current entries."""
@@ -106,9 +106,9 @@ def _drop_grow_counts(
             for name, (_, values) in current.items()
         }
     names = list(current)
-    flat = torch.cat([current[n][1].detach().abs().reshape(-1).float() for n in names])
+    flat = torch.cat([current[n][1].detach().reshape(-1).float() for n in names])
     n_keep = flat.numel() - int(round(fraction * flat.numel()))
-    keep_flat = _keep_largest(flat, n_keep, absolute=False)
+    keep_flat = _keep_largest(flat, n_keep)
     keeps, start = {}, 0
     for name in names:
         size = current[name][1].numel()
@@ -117,8 +117,9 @@ def _drop_grow_counts(
     return keeps
 
 
-def _keep_largest(values: torch.Tensor, n_keep: int, absolute: bool = True) -> torch.Tensor:
-    magnitude = values.detach().abs() if absolute else values
+def _keep_largest(values: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Bool mask over `values` keeping the n_keep largest |value| (ties to the lower position)."""
+    magnitude = values.detach().abs()
     keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     keep[_topk_positions(magnitude.reshape(-1), n_keep)] = True
     return keep
@@ -137,7 +138,7 @@ def drop_and_grow(
     With scope 'global' the drop and the grow are ranked over all modules, so a module's
     count can change; with 'layer' each module keeps its count.
     """
-    keeps = _drop_grow_counts(current, fraction, scope)
+    keeps = _entries_to_keep(current, fraction, scope)
     free_scores = {}
     for name, score in scores.items():
         free = score.detach().reshape(-1).float().clone()
