@@ -6,7 +6,9 @@ The schema is only ever created by `upgrade_database` (`alembic upgrade head`), 
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,28 @@ def _is_memory_sqlite(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
 
 
+def _ensure_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode (a property of the file, so usually already set).
+
+    Several processes opening a new file at once (API and worker under `make run`) race to
+    switch it; SQLite answers the losers "database is locked" at once, without its busy
+    timeout, to avoid a lock-upgrade deadlock. A loser re-reads the mode: the winner has
+    usually switched it already; otherwise it tries again, for a bounded time.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _ensure_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:

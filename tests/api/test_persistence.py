@@ -418,3 +418,36 @@ def test_process_engine_follows_settings_and_is_disposable(
     finally:
         db_module.dispose_engine(close=True)
         get_settings.cache_clear()
+
+
+def _open_fresh_sqlite(path: str, barrier, results) -> None:  # runs in a forked process
+    from sqlalchemy import text
+
+    from api.core.db import make_engine
+
+    barrier.wait()
+    try:
+        with make_engine(f"sqlite:///{path}").connect() as connection:
+            connection.execute(text("select 1"))
+        results.put(None)
+    except Exception as err:  # noqa: BLE001 — reported to the parent
+        results.put(repr(err))
+
+
+def test_processes_opening_a_new_sqlite_file_together_all_connect(tmp_path):
+    """The WAL switch races on a new file (API + worker start together); no one may fail."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    errors = []
+    for round_ in range(10):
+        barrier, results = context.Barrier(8), context.Queue()
+        path = str(tmp_path / f"race-{round_}.db")
+        procs = [context.Process(target=_open_fresh_sqlite, args=(path, barrier, results))
+                 for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        errors += [r for r in (results.get(timeout=60) for _ in procs) if r is not None]
+        for proc in procs:
+            proc.join(timeout=60)
+    assert errors == []
