@@ -77,6 +77,8 @@ def is_loopback(host: str) -> bool:
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default SPEFT_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default SPEFT_PORT)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
+    access_log: Annotated[bool, typer.Option(help="log one line per request")] = True,
 ) -> None:
     """Run the REST API (uvicorn); configured by SPEFT_* environment variables."""
     import uvicorn
@@ -91,7 +93,8 @@ def serve(
             raise typer.Exit(code=2)
         console.print("[yellow]open mode:[/yellow] no SPEFT_API_KEYS set; single tenant, "
                       "no authentication, loopback only")
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
+                access_log=access_log)
 
 
 @app.command()

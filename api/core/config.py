@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     default_tenant: str = "default"
     worker_queue: str = "cpu"
     models_dir: Path | None = None  # folder of server-side model folders to register
+    # Database connections kept open per process; size it to the concurrent requests a process
+    # serves (each sync request holds one for its duration), or requests open new ones.
+    db_pool_size: int = 20
 
     @field_validator("broker_url", "s3_endpoint_url", "models_dir", mode="before")
     @classmethod
@@ -115,7 +118,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{_env('port')}: must be in [1, 65535]; got {value}")
         return value
 
-    @field_validator("max_upload_bytes", "max_file_lines")
+    @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:

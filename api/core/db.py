@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
@@ -18,6 +18,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 # migrations/ sits beside the api package in the source tree (also under an editable install).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -69,13 +72,22 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
         connect_args.update(engine_kwargs.pop("connect_args", {}))
         if _is_memory_sqlite(url):
             engine_kwargs.setdefault("poolclass", StaticPool)
+            engine_kwargs.pop("pool_size", None)  # one shared connection
         elif url.database:
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args=connect_args, **engine_kwargs)
         event.listen(engine, "connect", _enable_sqlite_pragmas)
         return engine
-    engine_kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping (a round trip on every checkout): when the server drops connections the first
+    # statement to fail with a disconnect error invalidates the whole pool, so one request per
+    # process sees the outage (a 503) and the next ones reconnect. Recycling bounds idle age.
+    engine_kwargs.setdefault("pool_recycle", 1800)
     return create_engine(url, **engine_kwargs)
+
+
+def engine_for(settings: Settings) -> Engine:
+    """A new engine for the settings' database, its pool sized by SPEFT_DB_POOL_SIZE."""
+    return make_engine(settings.database_url, pool_size=settings.db_pool_size)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -90,7 +102,7 @@ def get_engine() -> Engine:
         if _engine is None:
             from .config import get_settings
 
-            _engine = make_engine(get_settings().database_url)
+            _engine = engine_for(get_settings())
             _sessions = session_factory(_engine)
         return _engine
 

@@ -39,7 +39,7 @@ from api.errors import Conflict, InvalidRequest, NotFound
 from api.schemas import JobCreate, JobError, JobObject, JobProgress
 from api.schemas import JobEvent as JobEventObject
 from api.schemas import JobMetric as JobMetricObject
-from api.services import files, jobs
+from api.services import jobs
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,30 @@ def _base_model(session: Session, *, model_id: str) -> RegisteredModel:
     return row
 
 
-def _dataset(session: Session, *, tenant_id: str, field: str, file_id: str, task: str) -> File:
-    """The tenant's live file for `field`, written for `task`; 400 naming `field` otherwise."""
-    try:
-        row = files.get_file(session, tenant_id=tenant_id, file_id=file_id)
-    except NotFound:
-        raise InvalidRequest(f"no such file: {file_id}", param=field) from None
-    if row.task is not None and row.task != task:
-        raise InvalidRequest(f"file {file_id} is {row.task} data; the job's task is {task}",
-                             param=field)
-    return row
+def _datasets(session: Session, *, tenant_id: str, task: str,
+              file_ids: dict[str, str]) -> None:
+    """Check in one query that each `{field: file_id}` is the tenant's live file written for
+    `task`; 400 naming the first bad field otherwise."""
+    rows = {row.id: row for row in session.scalars(select(File).where(
+        File.id.in_(set(file_ids.values())), File.tenant_id == tenant_id,
+        File.deleted_at.is_(None)))}
+    for field, file_id in file_ids.items():
+        row = rows.get(file_id)
+        if row is None:
+            raise InvalidRequest(f"no such file: {file_id}", param=field)
+        if row.task is not None and row.task != task:
+            raise InvalidRequest(f"file {file_id} is {row.task} data; the job's task is {task}",
+                                 param=field)
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate,
                idempotency_key: str | None) -> tuple[Job, bool]:
-    """Validate and insert a queued job; (job, True), or (the earlier job, False) on a key replay."""
+    """Validate and insert a queued job; (job, True), or (the earlier job, False) on a key replay.
+
+    Model, files and spec are checked here, in the request (files were validated at upload), so
+    the job is inserted straight as `queued`; its event log still shows both steps. Four
+    statements: the model, the files, the job (INSERT … RETURNING), its two events.
+    """
     body_hash = request_hash(body)
     if idempotency_key is not None:
         earlier = _job_for_key(session, tenant_id=tenant_id, key=idempotency_key,
@@ -95,35 +104,34 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate,
             return earlier, False
     model = _base_model(session, model_id=body.model)
     task = body.task or model.task
-    _dataset(session, tenant_id=tenant_id, field="training_file", file_id=body.training_file,
-             task=task)
+    file_ids = {"training_file": body.training_file}
     if body.validation_file is not None:
-        _dataset(session, tenant_id=tenant_id, field="validation_file",
-                 file_id=body.validation_file, task=task)
+        file_ids["validation_file"] = body.validation_file
+    _datasets(session, tenant_id=tenant_id, task=task, file_ids=file_ids)
     body.to_spec(task=task, training_file=body.training_file,
                  validation_file=body.validation_file)  # the core's own checks (ConfigError: 400)
-    job_id = new_id("ftjob")
-    inserted = session.scalar(
+    job = session.scalar(
         dialect_insert(session, Job).values(
-            id=job_id, tenant_id=tenant_id, model=model.id, status=JobStatus.VALIDATING_FILES,
+            id=new_id("ftjob"), tenant_id=tenant_id, model=model.id, status=JobStatus.QUEUED,
             spec=body.stored_body(task), training_file=body.training_file,
             validation_file=body.validation_file, created_at=utcnow(), attempts=0,
             progress_step=0, idempotency_key=idempotency_key, request_hash=body_hash,
         ).on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-        .returning(Job.id)  # rowcount is not reliable here on psycopg
-    ) is not None
-    if not inserted:  # a concurrent request with the same key won the race
+        .returning(Job)  # None when a concurrent request with the same key won the race
+    )
+    if job is None:
         assert idempotency_key is not None  # NULL keys never conflict
         winner = _job_for_key(session, tenant_id=tenant_id, key=idempotency_key,
                               body_hash=body_hash)
         if winner is None:
             raise LookupError(f"job with Idempotency-Key {idempotency_key!r} vanished")
         return winner, False
-    jobs.add_event(session, job_id=job_id, type=jobs.EVENT_STATUS, message="job created",
-                   data={"status": JobStatus.VALIDATING_FILES.value})
-    jobs.mark_queued(session, job_id=job_id)  # files were validated at upload
-    job = session.get(Job, job_id)
-    assert job is not None
+    jobs.add_events(session, job_id=job.id, events=[
+        {"type": jobs.EVENT_STATUS, "message": "job created",
+         "data": {"status": JobStatus.VALIDATING_FILES.value}},
+        {"type": jobs.EVENT_STATUS, "message": "job queued",
+         "data": {"status": JobStatus.QUEUED.value}},
+    ])
     return job, True
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
@@ -50,12 +50,18 @@ def add_event(
     level: str = "info",
     type: str = EVENT_MESSAGE,  # the event field is called `type` in the API
     data: dict[str, Any] | None = None,
-) -> JobEvent:
+) -> None:
     """Append one line to a job's event log."""
-    event = JobEvent(job_id=job_id, level=level, type=type, message=message, data=data)
-    session.add(event)
-    session.flush()
-    return event
+    add_events(session, job_id=job_id,
+               events=[{"message": message, "level": level, "type": type, "data": data}])
+
+
+def add_events(session: Session, *, job_id: str, events: list[dict[str, Any]]) -> None:
+    """Append several lines to a job's event log in one INSERT (each dict: `message`, and
+    optionally `level`, `type`, `data`)."""
+    session.execute(insert(JobEvent), [
+        {"job_id": job_id, "level": "info", "type": EVENT_MESSAGE, "data": None,
+         "created_at": utcnow(), **event} for event in events])
 
 
 def _transition(
