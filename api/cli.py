@@ -97,10 +97,28 @@ def serve(
                 access_log=access_log)
 
 
+def worker_devices(device: str, *, cuda_available: bool) -> list[str]:
+    """The device kinds a worker serves: `cpu`, `cuda`, `auto` (cuda when this machine has one,
+    else cpu) or `all` (cpu, and cuda when present). Each job trains on its own kind."""
+    if device == "auto":
+        return ["cuda" if cuda_available else "cpu"]
+    if device == "all":
+        return ["cpu", "cuda"] if cuda_available else ["cpu"]
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu, cuda, auto or all; got {device!r}")
+    if device == "cuda" and not cuda_available:
+        raise ValueError("no CUDA device is visible to this worker")
+    return [device]
+
+
 @app.command()
 def worker(
-    queues: Annotated[str | None, typer.Option(help="comma-separated queues "
-                                                    "(default SPEFT_WORKER_QUEUE)")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, auto (cuda when present) or all (cpu "
+                                             "and, when present, cuda): the jobs this worker "
+                                             "trains, from the queues SPEFT_QUEUE_PREFIX + "
+                                             "device")] = "auto",
+    queues: Annotated[str | None, typer.Option(help="comma-separated queues, instead of the "
+                                                    "device's own")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     pool: Annotated[str | None, typer.Option(help="solo or prefork (default: solo with the "
                                                   "embedded broker, prefork otherwise)")] = None,
@@ -112,9 +130,17 @@ def worker(
     if pool not in ("solo", "prefork"):
         console.print(f"[red]error (--pool):[/red] expected solo or prefork; got {pool!r}")
         raise typer.Exit(code=2)
+    import torch
+
+    try:
+        kinds = worker_devices(device, cuda_available=torch.cuda.is_available())
+    except ValueError as err:
+        console.print(f"[red]error (--device):[/red] {err}")
+        raise typer.Exit(code=2) from err
+    queues = queues or ",".join(settings.queue_for(kind) for kind in kinds)
     from worker.celery_app import app as celery_app
 
-    celery_app.worker_main(["worker", f"--queues={queues or settings.worker_queue}",
+    celery_app.worker_main(["worker", f"--queues={queues}",
                             f"--concurrency={concurrency}", f"--pool={pool}",
                             f"--loglevel={loglevel}"])
 
@@ -137,7 +163,7 @@ def run(
     serve_args = ["serve"] + (["--host", host] if host else []) + (
         ["--port", str(port)] if port else [])
     # Own sessions: only this launcher gets the terminal's Ctrl-C, and forwards exactly one signal.
-    processes = [subprocess.Popen(base + ["worker"], start_new_session=True),
+    processes = [subprocess.Popen(base + ["worker", "--device", "all"], start_new_session=True),
                  subprocess.Popen(base + serve_args, start_new_session=True)]
     stopping = False
 
@@ -235,6 +261,8 @@ def jobs_create(
     batch_size: Annotated[int | None, typer.Option(help="batch size")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="learning rate")] = None,
     max_length: Annotated[int | None, typer.Option(help="max tokens per example")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda: which workers train it "
+                                                    "(default: the server's)")] = None,
     spec: Annotated[Path | None, typer.Option(help="a full job body (JSON); flags override",
                                               metavar="SPEC.json")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header")] = None,
@@ -247,7 +275,8 @@ def jobs_create(
     body = job_body(spec, {"model": model, "training_file": training_file,
                            "validation_file": validation_file, "metric": metric,
                            "density": density, "n_epochs": epochs, "batch_size": batch_size,
-                           "learning_rate": learning_rate, "max_length": max_length})
+                           "learning_rate": learning_rate, "max_length": max_length,
+                           "device": device})
     with api_client(base_url, api_key) as client:
         job = client.create_job(body, idempotency_key=idempotency_key)
         if not wait:
@@ -376,25 +405,42 @@ if __name__ == "__main__":
 @models_app.command("register")
 def models_register(
     model_id: Annotated[str, typer.Argument(metavar="NAME", help="the model id users will name")],
-    path: Annotated[Path, typer.Option(help="HF model folder, inside SPEFT_MODELS_DIR")],
+    path: Annotated[Path | None, typer.Option(
+        help="HF model folder, inside SPEFT_MODELS_DIR")] = None,
+    storage_key: Annotated[str | None, typer.Option(
+        help="key of a tar archive of a HF model folder in SPEFT_STORAGE_URL")] = None,
     task: Annotated[str, typer.Option(help="classification or causal_lm")] = "classification",
 ) -> None:
-    """Register a server-side model folder as a base model (writes the database directly)."""
+    """Register a server-side model folder or a stored model archive (writes the database)."""
     from api.core.db import make_engine, session_factory, upgrade_database
-    from api.errors import ApiError
-    from api.services.models import register_local_model
+    from api.core.storage import StorageError, open_storage
+    from api.errors import ApiError, InvalidRequest
+    from api.services.models import register_local_model, register_stored_model
 
     settings = load_settings()
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
+        if (path is None) == (storage_key is None):
+            raise InvalidRequest("give exactly one of --path and --storage-key", param="path")
         with session_factory(engine)() as session, session.begin():
-            row = register_local_model(session, model_id=model_id, task=task, path=path,
-                                       models_dir=settings.models_dir)
+            if storage_key is not None:
+                storage = open_storage(settings.storage_url,
+                                       s3_endpoint_url=settings.s3_endpoint_url)
+                row = register_stored_model(session, storage=storage, model_id=model_id,
+                                            task=task, storage_key=storage_key,
+                                            cache_dir=settings.model_cache_dir)
+            else:
+                row = register_local_model(session, model_id=model_id, task=task, path=path,
+                                           models_dir=settings.models_dir)
             typer.echo(json.dumps({"id": row.id, "object": "model", "task": row.task,
-                                   "params": row.params, "path": row.local_path}))
+                                   "params": row.params, "path": row.local_path,
+                                   "storage_key": row.storage_key, "sha256": row.sha256}))
     except ApiError as err:
         console.print(f"[red]error ({err.param}):[/red] {err.message}")
         raise typer.Exit(code=2) from err
+    except StorageError as err:
+        console.print(f"[red]storage error:[/red] {err.message}")
+        raise typer.Exit(code=1) from err
     finally:
         engine.dispose()

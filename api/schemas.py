@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.core.config import Device
 from speft_core.config import JobSpec, SpeftConfig, TrainConfig
 
 TaskName = Literal["classification", "causal_lm"]  # = speft_core.config.TASKS (tested)
@@ -84,6 +85,7 @@ class JobCreate(_Strict):
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, min_length=1, max_length=64)
     task: TaskName | None = None  # None: the base model's own task
+    device: Device | None = None  # where it trains (its queue); None: SPEFT_DEFAULT_DEVICE
     method: SpeftMethod = Field(default_factory=SpeftMethod)
     hyperparameters: TrainConfig = Field(default_factory=TrainConfig)
     suffix: str | None = Field(default=None, max_length=MAX_SUFFIX_LENGTH,
@@ -97,10 +99,11 @@ class JobCreate(_Strict):
                        hyperparameters=self.hyperparameters, suffix=self.suffix,
                        metadata=dict(self.metadata))
 
-    def stored_body(self, task: str) -> dict[str, Any]:
-        """The body as stored on the job (defaults filled in, task resolved)."""
+    def stored_body(self, task: str, device: str) -> dict[str, Any]:
+        """The body as stored on the job (defaults filled in, task and device resolved)."""
         body = self.model_dump(mode="json")
         body["task"] = task
+        body["device"] = device
         return body
 
 
@@ -132,6 +135,7 @@ class JobObject(BaseModel):
     training_file: str
     validation_file: str | None = None
     task: TaskName
+    device: Device = "cpu"
     method: dict[str, Any]
     hyperparameters: dict[str, Any]
     trainable_params: int | None = None

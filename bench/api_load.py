@@ -75,16 +75,16 @@ def backend_env(backend: str, folder: Path) -> Iterator[dict[str, str]]:
     admin_url = os.environ.get("SPEFT_BENCH_POSTGRES",
                                f"postgresql://{getpass.getuser()}@127.0.0.1:5432/postgres")
     name = f"speft_bench_{uuid.uuid4().hex[:8]}"
-    queue = f"bench-{name}"
+    queue_prefix = f"bench-{name}-"
     broker = os.environ.get("SPEFT_BENCH_REDIS", "redis://127.0.0.1:6379/15")
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     database_url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     try:
         yield {**env, "SPEFT_DATABASE_URL": f"{database_url}/{name}",
-               "SPEFT_BROKER_URL": broker, "SPEFT_WORKER_QUEUE": queue}
+               "SPEFT_BROKER_URL": broker, "SPEFT_QUEUE_PREFIX": queue_prefix}
     finally:
-        redis.Redis.from_url(broker).delete(queue)
+        redis.Redis.from_url(broker).delete(f"{queue_prefix}cpu")
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

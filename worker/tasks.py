@@ -23,10 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session
 
 from api.core.config import get_settings
 from api.core.db import get_session_factory
+from api.core.model_cache import local_model_folder
 from api.core.models import File, Job, RegisteredModel, new_id
 from api.core.storage import Storage, open_storage
 from api.services.jobs import (
@@ -82,8 +84,9 @@ def run_job(job_id: str) -> None:
             return
         log.info("speft.job claimed job_id=%s worker=%s", job_id, worker)
         try:
-            with _local_spec(session, job_id) as spec:
-                result = fine_tune(spec, callbacks=_JobRecorder(session, job_id).callbacks())
+            with _local_spec(session, job_id) as (spec, device):
+                result = fine_tune(spec, device=device,
+                                   callbacks=_JobRecorder(session, job_id).callbacks())
             _publish(session, job_id, spec, result)
         except TrainingCancelled:
             session.rollback()
@@ -96,6 +99,12 @@ def run_job(job_id: str) -> None:
                           param=err.param)
             session.commit()
             log.info("speft.job failed job_id=%s code=%s error=%r", job_id, USER_ERROR, err.message)
+        except DeviceUnavailable as err:
+            session.rollback()
+            finish_failed(session, job_id=job_id, code=INTERNAL_ERROR, message=str(err),
+                          param="device")
+            session.commit()
+            log.error("speft.job misrouted job_id=%s worker=%s: %s", job_id, worker, err)
         except Exception as err:
             log.exception("speft.job internal error job_id=%s", job_id)
             session.rollback()
@@ -105,13 +114,15 @@ def run_job(job_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _local_spec(session: Session, job_id: str) -> Iterator[JobSpec]:
-    """The job's stored body as a JobSpec whose files are verified local copies."""
+def _local_spec(session: Session, job_id: str) -> Iterator[tuple[JobSpec, torch.device]]:
+    """The job's stored body as a JobSpec whose files are verified local copies, and the device
+    it trains on."""
     job = session.get(Job, job_id)
     if job is None:
         raise LookupError(f"job {job_id} vanished after being claimed")
     storage = get_storage()
     body = dict(job.spec)
+    device = _training_device(body.pop("device", "cpu"))
     body["model"] = _model_reference(session, job.model)
     with contextlib.ExitStack() as stack:
         for field, file_id in (("training_file", job.training_file),
@@ -125,14 +136,31 @@ def _local_spec(session: Session, job_id: str) -> Iterator[JobSpec]:
                                                                     sha256=row.sha256))
                 body[field] = str(path)
         session.commit()  # end the read transaction before training starts
-        yield JobSpec.from_dict(body)
+        yield JobSpec.from_dict(body), device
+
+
+class DeviceUnavailable(RuntimeError):
+    """The job names a device kind this worker does not have (it was consumed from the wrong
+    queue): an operator's problem, so the job fails as an internal error with this message."""
+
+
+def _training_device(kind: str) -> torch.device:
+    """The torch device for a job's device kind; DeviceUnavailable when this machine lacks it."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            "the job asked for device 'cuda' but this worker has no CUDA device; run "
+            "`speft worker --device cuda` on a GPU machine (it consumes the cuda queue)")
+    return torch.device(kind)
 
 
 def _model_reference(session: Session, model: str) -> str:
-    """What speft_core loads for a registered base model: its built-in name, else its local folder."""
+    """What speft_core loads for a base model: built-in name, unpacked archive, or folder."""
     if model in registered_models():
         return model
     row = session.get(RegisteredModel, model)
+    if row is not None and row.storage_key and row.sha256:
+        return str(local_model_folder(get_storage(), storage_key=row.storage_key,
+                                      sha256=row.sha256, cache_dir=get_settings().model_cache_dir))
     if row is None or not row.local_path:
         raise LookupError(f"base model {model!r} has no weights available to this worker")
     return row.local_path

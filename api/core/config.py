@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +20,8 @@ MiB = 1024 * 1024
 
 # A tenant name as it may appear in SPEFT_API_KEYS, SPEFT_DEFAULT_TENANT and the tenants table.
 TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+QUEUE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
+Device = Literal["cpu", "cuda"]  # a job's device kind; also its queue's name
 STORAGE_SCHEMES = ("file", "s3")
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 
@@ -70,8 +72,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 100 * MiB
     max_file_lines: int = 1_000_000
     default_tenant: str = "default"
-    worker_queue: str = "cpu"
+    # Jobs go to the queue of their device kind, `<queue_prefix><device>` (`cpu`, `cuda`): GPU and
+    # CPU workers share one broker and each consumes its own kind (`speft worker --device`).
+    queue_prefix: str = ""
+    default_device: Device = "cpu"  # for jobs that name none
     models_dir: Path | None = None  # folder of server-side model folders to register
+    model_cache_dir: Path = Path("./var/model-cache")  # stored model archives, unpacked by sha256
     # Database connections kept open per process; size it to the concurrent requests a process
     # serves (each sync request holds one for its duration), or requests open new ones.
     db_pool_size: int = 20
@@ -132,12 +138,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{_env('default_tenant')}: invalid tenant name {value!r}")
         return value
 
-    @field_validator("worker_queue")
+    @field_validator("queue_prefix")
     @classmethod
-    def _check_worker_queue(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError(f"{_env('worker_queue')}: must not be empty")
+    def _check_queue_prefix(cls, value: str) -> str:
+        if not QUEUE_PREFIX_RE.match(value):
+            raise ValueError(f"{_env('queue_prefix')}: letters, digits, '.', '_', '-' only; "
+                             f"got {value!r}")
         return value
+
+    def queue_for(self, device: str) -> str:
+        """The broker queue for jobs on `device` (`cpu` or `cuda`)."""
+        return f"{self.queue_prefix}{device}"
 
     @property
     def api_key_tenants(self) -> dict[str, str]:

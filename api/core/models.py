@@ -222,6 +222,7 @@ class RegisteredModel(Base):
     task: Mapped[str] = mapped_column(String(32))
     params: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the archive at storage_key
     local_path: Mapped[str | None] = mapped_column(Text)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created_at()

@@ -35,14 +35,14 @@ def create_job(
     still exists and stays queued with an "enqueue failed" event, and the answer is still 201:
     a 2xx means the job exists, and a reconciler re-enqueues queued jobs later.
     """
-    job, created = job_requests.create_job(session, tenant_id=tenant.id, body=body,
-                                           idempotency_key=idempotency_key)
+    job, created = job_requests.create_job(
+        session, tenant_id=tenant.id, body=body, idempotency_key=idempotency_key,
+        default_device=request.app.state.settings.default_device)
     if not created:
         response.status_code = status.HTTP_200_OK
         return job_object(job)
     session.commit()
-    job_requests.enqueue_created_job(session, enqueue=request.app.state.enqueue_job,
-                                     job_id=job.id)
+    job_requests.enqueue_created_job(session, enqueue=request.app.state.enqueue_job, job=job)
     return job_object(job)
 
 

@@ -44,7 +44,7 @@ from api.services import jobs
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_PARAM = "Idempotency-Key"
-EnqueueJob = Callable[[str], None]
+EnqueueJob = Callable[[str, str], None]  # (job id, device)
 
 
 def request_hash(body: JobCreate) -> str:
@@ -88,8 +88,8 @@ def _datasets(session: Session, *, tenant_id: str, task: str,
                                  param=field)
 
 
-def create_job(session: Session, *, tenant_id: str, body: JobCreate,
-               idempotency_key: str | None) -> tuple[Job, bool]:
+def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency_key: str | None,
+               default_device: str = "cpu") -> tuple[Job, bool]:
     """Validate and insert a queued job; (job, True), or (the earlier job, False) on a key replay.
 
     Model, files and spec are checked here, in the request (files were validated at upload), so
@@ -113,7 +113,7 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate,
     job = session.scalar(
         dialect_insert(session, Job).values(
             id=new_id("ftjob"), tenant_id=tenant_id, model=model.id, status=JobStatus.QUEUED,
-            spec=body.stored_body(task), training_file=body.training_file,
+            spec=body.stored_body(task, body.device or default_device), training_file=body.training_file,
             validation_file=body.validation_file, created_at=utcnow(), attempts=0,
             progress_step=0, idempotency_key=idempotency_key, request_hash=body_hash,
         ).on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
@@ -135,14 +135,16 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate,
     return job, True
 
 
-def enqueue_created_job(session: Session, *, enqueue: EnqueueJob, job_id: str) -> bool:
-    """Send the committed job to the broker; on failure log and record an event, return False.
+def enqueue_created_job(session: Session, *, enqueue: EnqueueJob, job: Job) -> bool:
+    """Send the committed job to its device's queue; on failure log and record an event, return
+    False.
 
     The job stays queued either way (a 2xx means the job exists); a reconciler re-enqueues
     queued jobs whose message was lost.
     """
+    job_id, device = job.id, job_device(job)
     try:
-        enqueue(job_id)
+        enqueue(job_id, device)
     except Exception as err:
         log.exception("speft.job enqueue failed job_id=%s", job_id)
         session.rollback()
@@ -150,8 +152,13 @@ def enqueue_created_job(session: Session, *, enqueue: EnqueueJob, job_id: str) -
                        data={"error": f"{type(err).__name__}: {err}"})
         session.commit()
         return False
-    log.info("speft.job enqueued job_id=%s", job_id)
+    log.info("speft.job enqueued job_id=%s device=%s", job_id, device)
     return True
+
+
+def job_device(job: Job) -> str:
+    """The device kind a job trains on (jobs stored before devices existed ran on the CPU)."""
+    return job.spec.get("device", "cpu")
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
@@ -227,7 +234,7 @@ def job_object(job: Job) -> JobObject:
         id=job.id, model=job.model, status=job.status.value, created_at=int(job.created_at.timestamp()),
         started_at=_unix(job.started_at), finished_at=_unix(job.finished_at),
         training_file=job.training_file, validation_file=job.validation_file,
-        task=spec.get("task", "classification"), method=spec.get("method", {}),
+        task=spec.get("task", "classification"), device=job_device(job), method=spec.get("method", {}),
         hyperparameters=spec.get("hyperparameters", {}), trainable_params=job.trainable_params,
         adapter_id=job.adapter_id, error=error,
         progress=JobProgress(step=job.progress_step, total_steps=job.progress_total),
@@ -242,7 +249,8 @@ def event_object(event: JobEvent) -> JobEventObject:
 
 
 class CeleryEnqueuer:
-    """`enqueue(job_id)` sends `speft.run_job` to the configured broker and queue; `check()` probes it.
+    """`enqueue(job_id, device)` sends `speft.run_job` to the device's queue; `check()` probes the
+    broker.
 
     The Celery app is built on first use, so an app whose enqueue is replaced never builds one.
     """
@@ -257,9 +265,10 @@ class CeleryEnqueuer:
 
         return create_celery(self.settings)
 
-    def __call__(self, job_id: str) -> None:
-        """Send one run_job message for `job_id`."""
-        self.celery.send_task("speft.run_job", args=[job_id], queue=self.settings.worker_queue)
+    def __call__(self, job_id: str, device: str) -> None:
+        """Send one run_job message for `job_id` to the queue of `device`."""
+        self.celery.send_task("speft.run_job", args=[job_id],
+                              queue=self.settings.queue_for(device))
 
     def check(self) -> None:
         """Raise when the broker cannot be reached."""

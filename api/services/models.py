@@ -1,17 +1,20 @@
-"""Base models: the built-in registry upserted into `base_models`, and reads of it."""
+"""Base models: the built-in registry, server-side folders and stored archives in `base_models`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
+from api.core.model_cache import ModelArchiveError, local_model_folder
 from api.core.models import RegisteredModel, utcnow
+from api.core.storage import ObjectNotFound, Storage
 from api.errors import InvalidRequest, NotFound
 from speft_core.config import TASKS
 from speft_core.models import registered_models
@@ -33,8 +36,32 @@ def count_parameters(model_dir: Path) -> int:
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _upsert_model(session: Session, *, model_id: str, task: str, path: Path) -> None:
-    values = {"task": task, "params": count_parameters(path), "local_path": str(path)}
+def _check_id_and_task(model_id: str, task: str) -> None:
+    """Refuse a malformed model id or an unknown task."""
+    if not MODEL_ID_PATTERN.match(model_id):
+        raise InvalidRequest("model ids are 1-128 letters, digits, '.', '_' or '-'", param="model")
+    if task not in TASKS:
+        raise InvalidRequest(f"task must be one of {', '.join(TASKS)}", param="task")
+
+
+def _model_folder_params(folder: Path, *, shown: str, param: str) -> int:
+    """Parameters of a HF model folder with safetensors weights; InvalidRequest(param) otherwise."""
+    try:
+        params = count_parameters(folder) if (folder / "config.json").is_file() else 0
+    except (OSError, SafetensorError):
+        params = 0
+    if params == 0:
+        raise InvalidRequest(f"{shown} is not a HF model folder with safetensors weights",
+                             param=param)
+    return params
+
+
+def _upsert_model(session: Session, *, model_id: str, task: str, params: int,
+                  local_path: Path | None = None, storage_key: str | None = None,
+                  sha256: str | None = None) -> None:
+    """Insert or replace the row `model_id`; where its weights are is exactly what is given."""
+    values = {"task": task, "params": params, "storage_key": storage_key, "sha256": sha256,
+              "local_path": str(local_path) if local_path is not None else None}
     statement = dialect_insert(session, RegisteredModel).values(
         id=model_id, created_at=utcnow(), **values
     )
@@ -45,17 +72,15 @@ def register_builtin_models(session: Session) -> list[str]:
     """Upsert `speft_core.models.registered_models()` into base_models; return their ids."""
     sources = registered_models()
     for source in sources.values():
-        _upsert_model(session, model_id=source.name, task=source.task, path=source.path)
+        _upsert_model(session, model_id=source.name, task=source.task,
+                      params=count_parameters(source.path), local_path=source.path)
     return list(sources)
 
 
 def register_local_model(session: Session, *, model_id: str, task: str, path: Path,
                          models_dir: Path | None) -> RegisteredModel:
     """Register a server-side HF model folder; it must lie inside `models_dir` (no escape)."""
-    if not MODEL_ID_PATTERN.match(model_id):
-        raise InvalidRequest("model ids are 1-128 letters, digits, '.', '_' or '-'", param="model")
-    if task not in TASKS:
-        raise InvalidRequest(f"task must be one of {', '.join(TASKS)}", param="task")
+    _check_id_and_task(model_id, task)
     if models_dir is None:
         raise InvalidRequest("set SPEFT_MODELS_DIR to the folder server-side models live in",
                              param="path")
@@ -63,10 +88,38 @@ def register_local_model(session: Session, *, model_id: str, task: str, path: Pa
     folder = (root / path).resolve() if not path.is_absolute() else path.resolve()
     if not folder.is_relative_to(root):
         raise InvalidRequest(f"{path} is outside SPEFT_MODELS_DIR ({root})", param="path")
-    if not (folder / "config.json").is_file() or count_parameters(folder) == 0:
-        raise InvalidRequest(f"{folder} is not a HF model folder with safetensors weights",
-                             param="path")
-    _upsert_model(session, model_id=model_id, task=task, path=folder)
+    params = _model_folder_params(folder, shown=str(folder), param="path")
+    _upsert_model(session, model_id=model_id, task=task, params=params, local_path=folder)
+    return get_model(session, model_id=model_id)
+
+
+def register_stored_model(session: Session, *, storage: Storage, model_id: str, task: str,
+                          storage_key: str, cache_dir: Path) -> RegisteredModel:
+    """Register the tar archive of a HF model folder stored under `storage_key`.
+
+    Its sha256 is recorded (workers verify their download against it) and it is unpacked once
+    into `cache_dir` (the worker's model cache) to check it is a model and count its parameters.
+    """
+    _check_id_and_task(model_id, task)
+    try:
+        digest = hashlib.sha256()
+        for chunk in storage.stream(storage_key):
+            digest.update(chunk)
+    except ValueError as err:  # the storage layer refuses a malformed key
+        raise InvalidRequest(str(err), param="storage_key") from err
+    except ObjectNotFound as err:
+        raise InvalidRequest(f"no object is stored under {storage_key}",
+                             param="storage_key") from err
+    sha256 = digest.hexdigest()
+    try:
+        folder = local_model_folder(storage, storage_key=storage_key, sha256=sha256,
+                                    cache_dir=cache_dir)
+    except ModelArchiveError as err:
+        raise InvalidRequest(err.message, param="storage_key") from err
+    params = _model_folder_params(folder, shown=f"the archive at {storage_key}",
+                                  param="storage_key")
+    _upsert_model(session, model_id=model_id, task=task, params=params,
+                  storage_key=storage_key, sha256=sha256)
     return get_model(session, model_id=model_id)
 
 

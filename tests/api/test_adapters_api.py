@@ -17,7 +17,7 @@ DELTA = b"not really safetensors, but bytes are bytes" * 100
 def client(make_client: ClientFactory) -> TestClient:
     """Two tenants (alice, bob); enqueue is a no-op."""
     client = make_client(api_keys=KEYS)
-    client.app.state.enqueue_job = lambda job_id: None
+    client.app.state.enqueue_job = lambda job_id, device: None
     return client
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from api.cli import app, is_loopback, job_body
+from api.cli import app, is_loopback, job_body, worker_devices
 from tests.fixtures.s3 import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +141,29 @@ def test_job_body_flags_override_the_spec(tmp_path: Path) -> None:
                                 "method": {"type": "speft", "speft": {"density": 0.5}},
                                 "hyperparameters": {"n_epochs": 3}}), encoding="utf-8")
     body = job_body(spec, {"density": 0.01, "n_epochs": None, "batch_size": 8,
-                           "training_file": "file-b"})
+                           "training_file": "file-b", "device": "cuda"})
     assert body["method"]["speft"]["density"] == 0.01
     assert body["hyperparameters"] == {"n_epochs": 3, "batch_size": 8}
-    assert body["training_file"] == "file-b"
+    assert (body["training_file"], body["device"]) == ("file-b", "cuda")
+
+
+def test_worker_device_resolution() -> None:
+    assert worker_devices("auto", cuda_available=False) == ["cpu"]
+    assert worker_devices("auto", cuda_available=True) == ["cuda"]
+    assert worker_devices("all", cuda_available=False) == ["cpu"]
+    assert worker_devices("all", cuda_available=True) == ["cpu", "cuda"]
+    assert worker_devices("cuda", cuda_available=True) == ["cuda"]
+    with pytest.raises(ValueError, match="no CUDA device"):
+        worker_devices("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match="expected cpu, cuda, auto or all"):
+        worker_devices("tpu", cuda_available=True)
+
+
+def test_worker_refuses_cuda_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = {k: v for k, v in _server_env(tmp_path).items() if k.startswith("SPEFT_")}
+    result = runner.invoke(app, ["worker", "--device", "cuda"], env=env)
+    assert result.exit_code == 2
+    assert "error (--device):" in result.stderr and "no CUDA device" in result.stderr

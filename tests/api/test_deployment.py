@@ -19,7 +19,10 @@ def compose() -> dict:
 
 def test_compose_has_the_whole_stack_with_health_checks(compose):
     services = compose["services"]
-    assert set(services) == {"api", "worker", "postgres", "redis", "minio"}
+    assert set(services) == {"api", "worker", "worker-gpu", "postgres", "redis", "minio"}
+    assert services["worker"]["command"][-2:] == ["--device", "cpu"]
+    assert services["worker-gpu"]["command"][-2:] == ["--device", "cuda"]
+    assert services["worker-gpu"]["profiles"] == ["gpu"]
     for name, service in services.items():
         assert "healthcheck" in service, f"{name} has no health check"
     assert services["api"]["command"][:2] == ["speft", "serve"]
@@ -32,7 +35,7 @@ def test_compose_has_the_whole_stack_with_health_checks(compose):
 
 def test_compose_settings_are_the_ones_the_code_reads(compose):
     fields = set(Settings.model_fields)
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-gpu"):
         env = compose["services"][name]["environment"]
         speft_vars = {k for k in env if k.startswith("SPEFT_")}
         assert speft_vars >= {"SPEFT_DATABASE_URL", "SPEFT_BROKER_URL", "SPEFT_STORAGE_URL",
@@ -57,11 +60,11 @@ def test_compose_database_and_bucket_match_their_services(compose):
 
 def test_dockerfile_is_non_root_with_a_cuda_build_arg():
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=", text, re.M)
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
-    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.MULTILINE)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     assert "torch==${TORCH_VERSION}" in text
-    for folder in re.findall(r"^COPY (\S+) \./", text, re.M):
+    for folder in re.findall(r"^COPY (\S+) \./", text, re.MULTILINE):
         for part in folder.split():
             assert (REPO / part).exists(), f"Dockerfile copies missing {part}"

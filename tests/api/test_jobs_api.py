@@ -26,12 +26,14 @@ CAUSAL_LM = b"".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).enco
 
 
 class EnqueueRecorder:
-    """Stands in for the broker: records job ids and checks each row is already committed."""
+    """Stands in for the broker: records job ids (and their devices) and checks each row is
+    already committed."""
 
     def __init__(self, client: TestClient) -> None:
-        self.client, self.sent = client, []
+        self.client, self.sent, self.devices = client, [], {}
 
-    def __call__(self, job_id: str) -> None:
+    def __call__(self, job_id: str, device: str) -> None:
+        self.devices[job_id] = device
         with self.client.app.state.sessions() as session:  # a NEW session sees only committed rows
             status = session.scalar(select(Job.status).where(Job.id == job_id))
         assert status == JobStatus.QUEUED, f"{job_id} not committed as queued before enqueue"
@@ -93,7 +95,7 @@ def test_validation_file_and_causal_lm_task(client):
 
 
 def test_enqueue_failure_still_creates_a_queued_job(client, body):
-    def broker_down(job_id: str) -> None:
+    def broker_down(job_id: str, device: str) -> None:
         raise ConnectionError("broker refused")
 
     client.app.state.enqueue_job = broker_down
@@ -285,10 +287,44 @@ def test_job_really_reaches_the_embedded_broker(make_client: ClientFactory, tmp_
     assert len(rows) == 1
     queue, payload = rows[0]
     message = json.loads(payload)
-    assert queue == client.app.state.settings.worker_queue
+    assert queue == client.app.state.settings.queue_for("cpu")
     assert message["headers"]["task"] == "speft.run_job"
     args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     assert args == [response.json()["id"]]
+
+
+def test_each_device_kind_has_its_own_broker_queue(make_client: ClientFactory, tmp_path: Path):
+    client = make_client(queue_prefix="speft-")  # real embedded broker
+    training_file = upload(client, headers={})
+    ids = {device: create(client, {"model": "minilm-l6", "training_file": training_file,
+                                   "device": device}, headers={}).json()["id"]
+           for device in ("cuda", "cpu")}
+    with sqlite3.connect(tmp_path / "broker.sqlite") as broker:
+        rows = broker.execute(
+            "SELECT q.name, m.payload FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id"
+        ).fetchall()
+    sent = {json.loads(base64.b64decode(json.loads(payload)["body"]))[0][0]: queue
+            for queue, payload in rows}
+    assert sent == {ids["cuda"]: "speft-cuda", ids["cpu"]: "speft-cpu"}
+
+
+def test_device_defaults_to_the_setting_and_is_shown(make_client: ClientFactory):
+    client = make_client(api_keys=KEYS, default_device="cuda")
+    client.app.state.enqueue_job = recorder = EnqueueRecorder(client)
+    training_file = upload(client)
+    implicit = create(client, {"model": "minilm-l6", "training_file": training_file}).json()
+    explicit = create(client, {"model": "minilm-l6", "training_file": training_file,
+                               "device": "cpu"}).json()
+    assert (implicit["device"], explicit["device"]) == ("cuda", "cpu")
+    assert recorder.devices == {implicit["id"]: "cuda", explicit["id"]: "cpu"}
+    assert client.get(f"/v1/fine_tuning/jobs/{implicit['id']}", headers=ALICE).json()[
+        "device"] == "cuda"
+
+
+def test_unknown_device_is_422_naming_it(client, body):
+    response = create(client, {**body, "device": "tpu"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "device"
+    assert client.get("/v1/fine_tuning/jobs", headers=ALICE).json()["data"] == []
 
 
 def test_create_replay_and_page_on_both_backends(backend_settings: dict[str, Any],

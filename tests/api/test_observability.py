@@ -16,7 +16,7 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(make_client):
     sample = "".join(json.dumps({"text": f"s {i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
     file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
                           files={"file": ("t.jsonl", sample.encode())}).json()["id"]
-    client.app.state.enqueue_job = type("Recorder", (), {"__call__": lambda self, job_id: None,
+    client.app.state.enqueue_job = type("Recorder", (), {"__call__": lambda self, job_id, device: None,
                                                           "check": lambda self: None})()
     job = client.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6", "training_file": file_id})
     assert job.status_code == 201
@@ -28,7 +28,7 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(make_client):
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     samples = _samples(resp.text)
     route = "/v1/fine_tuning/jobs/{job_id}"
-    key = lambda status: ("speft_http_requests_total",  # noqa: E731
+    key = lambda status: ("speft_http_requests_total",
                           (("method", "GET"), ("route", route), ("status", status)))
     assert samples[key("200")] == 3 and samples[key("404")] == 1
     assert samples[("speft_jobs", (("status", "queued"),))] == 1

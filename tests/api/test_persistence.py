@@ -369,7 +369,8 @@ def test_settings_defaults_match_design(clean_env: pytest.MonkeyPatch) -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.max_upload_bytes == 100 * 1024 * 1024
     assert settings.max_file_lines == 1_000_000
-    assert settings.default_tenant == "default" and settings.worker_queue == "cpu"
+    assert settings.default_tenant == "default" and settings.default_device == "cpu"
+    assert settings.queue_for("cuda") == "cuda"
     assert settings.models_dir is None
 
 

@@ -20,7 +20,7 @@ def client() -> TestClient:
 
     @app.post("/jobs")
     def create(body: JobCreate) -> dict:
-        return body.stored_body(body.task or "classification")
+        return body.stored_body(body.task or "classification", body.device or "cpu")
 
     @app.get("/missing")
     def missing() -> None:

@@ -92,7 +92,7 @@ def _production_env(request: pytest.FixtureRequest, queue: str) -> dict[str, str
     env.update(S3_TEST_CREDENTIALS)
     env.update(SPEFT_DATABASE_URL=database_url,
                SPEFT_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
-               SPEFT_WORKER_QUEUE=queue, SPEFT_STORAGE_URL=storage_url,
+               SPEFT_QUEUE_PREFIX=f"{queue}-", SPEFT_STORAGE_URL=storage_url,
                SPEFT_S3_ENDPOINT_URL=endpoint, SPEFT_API_KEYS=f"{API_KEY}:acme")
     return env
 
@@ -101,7 +101,7 @@ def _embedded_env(tmp: Path, queue: str) -> dict[str, str]:
     env = _base_env()
     env.update(SPEFT_DATABASE_URL=f"sqlite:///{tmp / 'db' / 'speft.db'}",
                SPEFT_STORAGE_URL=f"file://{tmp / 'storage'}", SPEFT_BROKER_URL="",
-               SPEFT_WORKER_QUEUE=queue, SPEFT_API_KEYS="")
+               SPEFT_QUEUE_PREFIX=f"{queue}-", SPEFT_API_KEYS="")
     (tmp / "db").mkdir()
     return env
 
@@ -158,7 +158,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
                                     handles["serve"])
         # The API migrates the database at startup; the worker starts once it answers.
         _wait_ready(stack)
-        processes["worker"] = _spawn(["worker", "--queues", queue, "--loglevel", "WARNING"],
+        processes["worker"] = _spawn(["worker", "--device", "cpu", "--loglevel", "WARNING"],
                                      env, tmp_path, handles["worker"])
         yield stack
     finally:

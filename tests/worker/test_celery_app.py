@@ -24,7 +24,7 @@ PROBE_MODULE = textwrap.dedent('''
 
     app = create_celery(Settings(database_url=os.environ["PROBE_DB"],
                                  broker_url=os.environ.get("PROBE_BROKER") or None,
-                                 worker_queue=os.environ["PROBE_QUEUE"]))
+                                 queue_prefix=os.environ["PROBE_QUEUE"]))
 
     @app.task(name="probe.touch")
     def touch(path):
@@ -62,13 +62,13 @@ def test_worker_process_runs_a_task(tmp_path, monkeypatch, broker):
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}",
            "PROBE_DB": f"sqlite:///{tmp_path}/speft.db",
            "PROBE_BROKER": "redis://127.0.0.1:6379/15" if broker == "redis" else "",
-           "PROBE_QUEUE": f"probe-{uuid.uuid4().hex[:8]}"}
+           "PROBE_QUEUE": f"probe-{uuid.uuid4().hex[:8]}-"}
     for key in ("PROBE_DB", "PROBE_BROKER", "PROBE_QUEUE"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.syspath_prepend(str(tmp_path))
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "probe_tasks", "worker", "--pool", "solo",
-         "-Q", env["PROBE_QUEUE"], "--loglevel", "WARNING", "--without-heartbeat",
+         "-Q", env["PROBE_QUEUE"] + "cpu", "--loglevel", "WARNING", "--without-heartbeat",
          "--without-gossip", "--without-mingle"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

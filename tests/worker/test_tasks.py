@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +28,7 @@ from api.core.models import (
 )
 from api.core.storage import Storage
 from api.services.jobs import INTERNAL_ERROR, USER_ERROR, request_cancel
+from speft_core.errors import TrainingCancelled
 from worker import tasks
 from worker.celery_app import app
 
@@ -67,14 +70,16 @@ class Service:
         with open(self.data_dir / "sst2" / f"{split}.jsonl", encoding="utf-8") as handle:
             return [next(handle).rstrip("\n") for _ in range(count)]
 
-    def make_job(self, training_lines: list[str] | None = None) -> str:
-        """A queued job on 64 sst2 training lines (or the given ones) and 32 dev lines."""
+    def make_job(self, training_lines: list[str] | None = None, **spec: Any) -> str:
+        """A queued job on 64 sst2 training lines (or the given ones) and 32 dev lines; `spec`
+        adds to its stored body."""
         training = self.upload("train.jsonl", training_lines or self.sst2("train", 64))
         validation = self.upload("dev.jsonl", self.sst2("dev", 32))
         with self.sessions() as session:
             job = Job(tenant_id=self.tenant_id, model="minilm-l6", status=JobStatus.QUEUED,
                       training_file=training, validation_file=validation,
-                      spec={**SPEC, "training_file": training, "validation_file": validation})
+                      spec={**SPEC, "training_file": training, "validation_file": validation,
+                            **spec})
             session.add(job)
             session.commit()
             return job.id
@@ -200,6 +205,28 @@ def test_unexpected_error_is_an_internal_error(service, monkeypatch):
     job = service.job(job_id)
     assert (job.status, job.error_code) == (JobStatus.FAILED, INTERNAL_ERROR)
     assert job.error_message == "internal error: RuntimeError"
+
+
+def test_job_trains_on_its_device(service, monkeypatch):
+    seen = []
+
+    def record_device(spec, *, device, **_):
+        seen.append(device)
+        raise TrainingCancelled("stop here")
+
+    monkeypatch.setattr(tasks, "fine_tune", record_device)
+    tasks.run_job.run(service.make_job(device="cpu"))
+    assert seen == [torch.device("cpu")]
+
+
+def test_cuda_job_on_a_worker_without_cuda_fails_saying_so(service, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    job_id = service.make_job(device="cuda")
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert (job.status, job.error_code, job.error_param) == (JobStatus.FAILED, INTERNAL_ERROR,
+                                                             "device")
+    assert "speft worker --device cuda" in job.error_message
 
 
 def test_success_that_loses_to_a_cancel_leaves_no_adapter_object(service, monkeypatch):
