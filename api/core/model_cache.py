@@ -48,25 +48,33 @@ class ModelArchiveError(ModelLoadError):
 def local_model_folder(storage: Storage, *, storage_key: str, sha256: str, cache_dir: Path,
                        max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> Path:
     """The HF model folder of the archive at `storage_key`: `cache_dir/<sha256>`, unpacked once."""
-    if not SHA256_RE.match(sha256):
-        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
-    final = cache_dir / sha256
+    final = _cached_folder(cache_dir, sha256)
     if final.is_dir():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with storage.open_local(storage_key, sha256=sha256) as archive:
+            return cache_archive(archive, storage_key=storage_key, sha256=sha256,
+                                 cache_dir=cache_dir, max_unpacked_bytes=max_unpacked_bytes)
+    except ObjectNotFound:
+        raise ModelArchiveError(f"model archive {storage_key} is not in storage",
+                                storage_key=storage_key) from None
+    except ChecksumMismatch as err:
+        raise ModelArchiveError(f"model archive {storage_key} changed since it was "
+                                f"registered: {err.message}", storage_key=storage_key) from err
+
+
+def cache_archive(archive: Path, *, storage_key: str, sha256: str, cache_dir: Path,
+                  max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> Path:
+    """Unpack the local `archive` (whose sha256 is `sha256`, from `storage_key`) into
+    `cache_dir/<sha256>` unless it is there already; that folder."""
+    final = _cached_folder(cache_dir, sha256)
+    if final.is_dir():
+        return final
     unpack_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=cache_dir))
     try:
         os.chmod(unpack_dir, 0o755)
-        try:
-            with storage.open_local(storage_key, sha256=sha256) as archive:
-                _unpack(archive, unpack_dir, storage_key=storage_key,
-                        max_unpacked_bytes=max_unpacked_bytes)
-        except ObjectNotFound:
-            raise ModelArchiveError(f"model archive {storage_key} is not in storage",
-                                    storage_key=storage_key) from None
-        except ChecksumMismatch as err:
-            raise ModelArchiveError(f"model archive {storage_key} changed since it was "
-                                    f"registered: {err.message}", storage_key=storage_key) from err
+        _unpack(archive, unpack_dir, storage_key=storage_key,
+                max_unpacked_bytes=max_unpacked_bytes)
         root = _model_root(unpack_dir)
         if root is None:
             raise ModelArchiveError(
@@ -83,6 +91,15 @@ def local_model_folder(storage: Storage, *, storage_key: str, sha256: str, cache
         return final
     finally:
         shutil.rmtree(unpack_dir, ignore_errors=True)
+
+
+def _cached_folder(cache_dir: Path, sha256: str) -> Path:
+    """`cache_dir/<sha256>` (the cache folder is created), after checking the digest is one: it
+    becomes a path."""
+    if not SHA256_RE.match(sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir / sha256
 
 
 def _unpack(archive: Path, target: Path, *, storage_key: str, max_unpacked_bytes: int) -> None:

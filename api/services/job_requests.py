@@ -39,7 +39,7 @@ from api.errors import Conflict, InvalidRequest, NotFound
 from api.schemas import JobCreate, JobError, JobObject, JobProgress
 from api.schemas import JobEvent as JobEventObject
 from api.schemas import JobMetric as JobMetricObject
-from api.services import jobs
+from api.services import jobs, stored_objects
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ def _datasets(session: Session, *, tenant_id: str, task: str,
               file_ids: dict[str, str]) -> None:
     """Check in one query that each `{field: file_id}` is the tenant's live file written for
     `task`; 400 naming the first bad field otherwise."""
-    rows = {row.id: row for row in session.scalars(select(File).where(
-        File.id.in_(set(file_ids.values())), File.tenant_id == tenant_id,
-        File.deleted_at.is_(None)))}
+    rows = stored_objects.live_by_id(session, File, tenant_id=tenant_id,
+                                     object_ids=file_ids.values())
     for field, file_id in file_ids.items():
         row = rows.get(file_id)
         if row is None:

@@ -85,12 +85,6 @@ def _transition(
     return changed
 
 
-def mark_queued(session: Session, *, job_id: str) -> bool:
-    """validating_files → queued."""
-    return _transition(session, job_id, from_statuses={JobStatus.VALIDATING_FILES},
-                       to_status=JobStatus.QUEUED, message="job queued")
-
-
 def claim_job(session: Session, *, job_id: str, worker: str) -> bool:
     """queued → running for `worker` (sets started_at, heartbeat_at, attempts + 1)."""
     now = utcnow()

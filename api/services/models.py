@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
-from api.core.model_cache import ModelArchiveError, local_model_folder
+from api.core.model_cache import ModelArchiveError, cache_archive
 from api.core.models import RegisteredModel, utcnow
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import InvalidRequest, NotFound
@@ -102,18 +102,16 @@ def register_stored_model(session: Session, *, storage: Storage, model_id: str, 
     """
     _check_id_and_task(model_id, task)
     try:
-        digest = hashlib.sha256()
-        for chunk in storage.stream(storage_key):
-            digest.update(chunk)
+        with storage.open_local(storage_key) as archive:  # one download: hashed, then unpacked
+            with archive.open("rb") as handle:
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+            folder = cache_archive(archive, storage_key=storage_key, sha256=sha256,
+                                   cache_dir=cache_dir)
     except ValueError as err:  # the storage layer refuses a malformed key
         raise InvalidRequest(str(err), param="storage_key") from err
     except ObjectNotFound as err:
         raise InvalidRequest(f"no object is stored under {storage_key}",
                              param="storage_key") from err
-    sha256 = digest.hexdigest()
-    try:
-        folder = local_model_folder(storage, storage_key=storage_key, sha256=sha256,
-                                    cache_dir=cache_dir)
     except ModelArchiveError as err:
         raise InvalidRequest(err.message, param="storage_key") from err
     params = _model_folder_params(folder, shown=f"the archive at {storage_key}",

@@ -5,7 +5,7 @@ tenant happens here only: another tenant's object and a deleted one are both Not
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -18,24 +18,35 @@ from api.errors import NotFound
 Row = TypeVar("Row")
 
 
+def _live(model: type[Row], *, tenant_id: str) -> Any:
+    """SELECT of the tenant's rows of `model` that are not deleted."""
+    table: Any = model
+    return select(table).where(table.tenant_id == tenant_id, table.deleted_at.is_(None))
+
+
 def get_live(session: Session, model: type[Row], *, tenant_id: str, object_id: str,
              noun: str, param: str) -> Row:
     """The tenant's live row `object_id`; NotFound (naming `param`) otherwise."""
     table: Any = model
-    row = session.scalar(select(table).where(
-        table.id == object_id, table.tenant_id == tenant_id, table.deleted_at.is_(None)
-    ))
+    row = session.scalar(_live(model, tenant_id=tenant_id).where(table.id == object_id))
     if row is None:
         raise NotFound(f"no such {noun}: {object_id}", param=param)
     return row
+
+
+def live_by_id(session: Session, model: type[Row], *, tenant_id: str,
+               object_ids: Iterable[str]) -> dict[str, Row]:
+    """Those of `object_ids` that are the tenant's live rows, by id, in one query."""
+    table: Any = model
+    rows = session.scalars(_live(model, tenant_id=tenant_id).where(table.id.in_(set(object_ids))))
+    return {row.id: row for row in rows}
 
 
 def list_live(session: Session, model: type[Row], *, tenant_id: str) -> list[Row]:
     """The tenant's live rows, newest first."""
     table: Any = model
     return list(session.scalars(
-        select(table).where(table.tenant_id == tenant_id, table.deleted_at.is_(None))
-        .order_by(table.created_at.desc(), table.id.desc())
+        _live(model, tenant_id=tenant_id).order_by(table.created_at.desc(), table.id.desc())
     ))
 
 

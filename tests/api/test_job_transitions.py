@@ -29,7 +29,6 @@ from api.services.jobs import (
     finish_failed,
     finish_succeeded,
     is_cancel_requested,
-    mark_queued,
     record_eval,
     record_progress,
     request_cancel,
@@ -79,8 +78,6 @@ def _succeed(session: Session, job_id: str) -> bool:
 
 
 TRANSITIONS: dict[str, tuple[Callable[[Session, str], bool], set[JobStatus], JobStatus]] = {
-    "mark_queued": (lambda s, j: mark_queued(s, job_id=j),
-                    {JobStatus.VALIDATING_FILES}, JobStatus.QUEUED),
     "claim_job": (lambda s, j: claim_job(s, job_id=j, worker="w1"),
                   {JobStatus.QUEUED}, JobStatus.RUNNING),
     "finish_succeeded": (_succeed, {JobStatus.RUNNING}, JobStatus.SUCCEEDED),
