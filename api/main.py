@@ -13,9 +13,10 @@ from api.core.config import Settings, get_settings
 from api.core.db import engine_for, session_factory, upgrade_database
 from api.core.storage import Storage, StorageUnavailable, open_storage
 from api.errors import install_error_handlers
-from api.observability import install_metrics
+from api.observability import AdapterCacheCollector, InferenceMetrics, install_metrics
 from api.routes import adapters, files, health, jobs, models
-from api.services import tenants
+from api.routes import inference as inference_routes
+from api.services import inference, tenants
 from api.services.job_requests import CeleryEnqueuer
 from api.services.models import register_builtin_models
 
@@ -44,11 +45,22 @@ def _prepare_database(app: FastAPI) -> None:
                 session, name=settings.default_tenant)
 
 
+def _preload_adapters(app: FastAPI) -> None:
+    """Load and pin SPEFT_INFERENCE_PRELOAD (base models load with them)."""
+    with app.state.sessions() as session:
+        pinned = inference.preload_adapters(
+            session, engines=app.state.inference, storage=app.state.storage,
+            adapter_ids=app.state.settings.preload_adapters)
+    log.info("serving: preloaded and pinned %d adapter(s): %s", len(pinned), ", ".join(pinned))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Startup: storage, migrations, keys and models; shutdown: close the pool."""
     app.state.storage = await run_in_threadpool(open_app_storage, app.state.settings)
     await run_in_threadpool(_prepare_database, app)
+    if app.state.settings.preload_adapters:
+        await run_in_threadpool(_preload_adapters, app)
     # Everything loaded so far (torch, transformers, the app) lives for the whole process: keep it
     # out of the collector's generations, or each full collection walks it and stalls every
     # request in flight (~300 ms pauses under load before this).
@@ -56,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        app.state.inference.close()
         app.state.engine.dispose()
 
 
@@ -72,9 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.broker_check = app.state.enqueue_job.check
     install_error_handlers(app)
     app.state.metrics_registry = install_metrics(app, app.state.sessions)
+    app.state.inference = inference.InferenceEngines(
+        settings, storage=lambda: app.state.storage,
+        observer=InferenceMetrics(app.state.metrics_registry))
+    app.state.metrics_registry.register(AdapterCacheCollector(app.state.inference.engines))
     app.include_router(files.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(inference_routes.router, prefix="/v1")  # before /adapters/{id}
     app.include_router(adapters.router, prefix="/v1")
     app.include_router(health.router)
     return app

@@ -1,11 +1,11 @@
-"""Prometheus metrics: request counts and latency per route, and jobs by status at scrape time.
+"""Prometheus metrics: requests per route, jobs by status, and inference (batches, adapters).
 
 Each app gets its own CollectorRegistry, so several apps in one process (tests) never clash.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from fastapi import FastAPI, Response
 from prometheus_client import (
@@ -15,13 +15,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.models import Job, JobStatus
+from speft_core.serving import ServingEngine, ServingObserver
 
 
 class JobStatusCollector(Collector):
@@ -93,3 +94,67 @@ def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorR
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return registry
+
+
+class InferenceMetrics(ServingObserver):
+    """Serving events as Prometheus metrics: swaps, adapter loads, batches by path."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.swap_seconds = Histogram(
+            "speft_adapter_swap_seconds", "Time to write an adapter's entries into the weights",
+            registry=registry, buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2))
+        self.load_seconds = Histogram(
+            "speft_adapter_load_seconds", "Time to fetch, verify and prepare an adapter",
+            registry=registry, buckets=(1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0))
+        self.batch_rows = Histogram(
+            "speft_inference_batch_rows", "Rows (texts or prompts) per batch", ["path"],
+            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_adapters = Histogram(
+            "speft_inference_batch_adapters", "Distinct adapters per batch", ["path"],
+            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch_seconds = Histogram(
+            "speft_inference_batch_seconds", "Time to run a batch", ["path"], registry=registry)
+
+    def batch(self, *, path: str, rows: int, adapters: int, seconds: float) -> None:
+        """Record one batch."""
+        self.batch_rows.labels(path).observe(rows)
+        self.batch_adapters.labels(path).observe(adapters)
+        self.batch_seconds.labels(path).observe(seconds)
+
+    def swap(self, seconds: float) -> None:
+        """Record one swap (its count is the histogram's count)."""
+        self.swap_seconds.observe(seconds)
+
+    def adapter_loaded(self, seconds: float) -> None:
+        """Record one cold adapter load."""
+        self.load_seconds.observe(seconds)
+
+
+class AdapterCacheCollector(Collector):
+    """Adapter caches per base model, read at scrape time: hits, misses, evictions, bytes."""
+
+    def __init__(self, engines: Callable[[], Mapping[str, ServingEngine]]) -> None:
+        self.engines = engines
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """One sample per loaded base model."""
+        hits = CounterMetricFamily("speft_adapter_cache_hits", "Adapter cache hits", labels=["model"])
+        misses = CounterMetricFamily("speft_adapter_cache_misses", "Adapter cache misses",
+                                     labels=["model"])
+        evictions = CounterMetricFamily("speft_adapter_cache_evictions", "Adapters evicted",
+                                        labels=["model"])
+        resident = GaugeMetricFamily("speft_adapter_resident_bytes",
+                                     "Bytes of adapters resident in memory", labels=["model"])
+        count = GaugeMetricFamily("speft_adapters_resident", "Adapters resident in memory",
+                                  labels=["model"])
+        budget = GaugeMetricFamily("speft_adapter_cache_budget_bytes", "Adapter cache budget",
+                                   labels=["model"])
+        for model, engine in self.engines().items():
+            stats = engine.cache.stats
+            hits.add_metric([model], stats.hits)
+            misses.add_metric([model], stats.misses)
+            evictions.add_metric([model], stats.evictions)
+            resident.add_metric([model], engine.cache.resident_bytes)
+            count.add_metric([model], len(engine.cache))
+            budget.add_metric([model], engine.cache.budget_bytes)
+        yield from (hits, misses, evictions, resident, count, budget)

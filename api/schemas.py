@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.core.config import Device
 from speft_core.config import JobSpec, SpeftConfig, TrainConfig
@@ -220,3 +220,153 @@ class AdapterDeleted(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
     deleted: bool = True
+
+
+# -- inference -------------------------------------------------------------------------------
+MAX_CLASSIFICATION_INPUTS = 256
+MAX_STOP_STRINGS = 4
+MAX_COMPOSED_ADAPTERS = 8
+
+
+class AdapterWeight(_Strict):
+    """One adapter of a composition and the weight its delta is added with."""
+
+    id: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+
+AdapterChoice = str | list[AdapterWeight] | None
+
+
+class _InferenceRequest(_Strict):
+    model: str = Field(min_length=1, max_length=128)
+    adapter: AdapterChoice = Field(
+        None, description="An adapter id, a list of {id, weight} whose deltas are summed for "
+                          "this request only, or null for the base model")
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: AdapterChoice) -> AdapterChoice:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_COMPOSED_ADAPTERS:
+            raise ValueError(f"compose 1 to {MAX_COMPOSED_ADAPTERS} adapters")
+        if isinstance(value, list) and len({part.id for part in value}) != len(value):
+            raise ValueError("an adapter appears twice in the composition")
+        return value
+
+    def adapter_parts(self) -> list[tuple[str, float]]:
+        """The adapter choice as (id, weight) pairs; empty for the base model."""
+        if self.adapter is None:
+            return []
+        if isinstance(self.adapter, str):
+            return [(self.adapter, 1.0)]
+        return [(part.id, part.weight) for part in self.adapter]
+
+
+class ClassificationCreate(_InferenceRequest):
+    """POST /v1/classifications: texts to label with a classification adapter."""
+
+    input: str | list[str] = Field(description="A text or a list of texts (at most "
+                                               f"{MAX_CLASSIFICATION_INPUTS})")
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_CLASSIFICATION_INPUTS:
+            raise ValueError(f"give 1 to {MAX_CLASSIFICATION_INPUTS} texts")
+        return value
+
+    def texts(self) -> list[str]:
+        """The input as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassificationResult(BaseModel):
+    """One input's label and the probability of every label."""
+
+    index: int
+    label: str
+    probs: dict[str, float]
+
+
+class ClassificationResponse(BaseModel):
+    """Labels for each input, in input order."""
+
+    object: Literal["list"] = "list"
+    model: str
+    adapter: AdapterChoice
+    data: list[ClassificationResult]
+
+
+class CompletionCreate(_InferenceRequest):
+    """POST /v1/completions: continue a prompt with a causal LM (SSE when `stream`)."""
+
+    prompt: str = Field(max_length=100_000)
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > 256 for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of at most 256 characters")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (empty strings dropped)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class CompletionChoice(BaseModel):
+    """The generated text and why it ended (`stop` or `length`)."""
+
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    """Token counts of the request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A completion (also the shape of each streamed chunk, whose text is the new piece)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    adapter: AdapterChoice
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class LoadedAdapter(BaseModel):
+    """An adapter resident in this API process's cache."""
+
+    id: str
+    model: str
+    bytes: int
+    pinned: bool
+    hits: int
+    load_ms: float
+    loaded_at: int
+    last_used_at: int
+
+
+class LoadedAdapterList(BaseModel):
+    """The caller's resident adapters and this process's cache totals."""
+
+    object: Literal["list"] = "list"
+    data: list[LoadedAdapter]
+    resident_bytes: int
+    budget_bytes: int

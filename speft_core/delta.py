@@ -164,10 +164,14 @@ def load_delta(source: str | os.PathLike[str] | bytes | bytearray | memoryview) 
     return delta
 
 
-def verify_delta(model: nn.Module, delta: Delta) -> None:
-    """Check that `delta` fits `model` (modules, index ranges, extras, fingerprint) or raise."""
+def verify_delta(model: nn.Module, delta: Delta, *, check_fingerprint: bool = True) -> None:
+    """Check that `delta` fits `model` (modules, index ranges, extras, fingerprint) or raise.
+
+    `check_fingerprint=False` skips only the fingerprint (for callers that memoise it).
+    """
     _resolve_targets(model, delta)
-    _check_fingerprint(model, delta)
+    if check_fingerprint:
+        _check_fingerprint(model, delta)
 
 
 def apply_delta(model: nn.Module, delta: Delta, *, verify: bool = True) -> None:
@@ -385,10 +389,14 @@ def _resolve_targets(
 
 
 def _check_fingerprint(model: nn.Module, delta: Delta) -> None:
+    check_fingerprint_matches(delta, fingerprint(model, delta.modules))
+
+
+def check_fingerprint_matches(delta: Delta, actual: str) -> None:
+    """Raise DeltaMismatchError unless `actual` (the base's fingerprint) is the delta's."""
     expected = delta.metadata.get("base_fingerprint")
     if not expected:
         raise DeltaFormatError("metadata has no base_fingerprint to verify against")
-    actual = fingerprint(model, delta.modules)
     if actual != expected:
         base = delta.metadata.get("base_model", "?")
         raise DeltaMismatchError(

@@ -28,8 +28,7 @@ from sqlalchemy.orm import Session
 
 from api.core.config import get_settings
 from api.core.db import get_session_factory
-from api.core.model_cache import local_model_folder
-from api.core.models import File, Job, RegisteredModel, new_id
+from api.core.models import File, Job, new_id
 from api.core.storage import Storage, open_storage
 from api.services.jobs import (
     INTERNAL_ERROR,
@@ -43,10 +42,10 @@ from api.services.jobs import (
     record_eval,
     record_progress,
 )
+from api.services.models import model_reference
 from speft_core.config import JobSpec
 from speft_core.delta import delta_to_bytes
 from speft_core.errors import SpeftError, TrainingCancelled
-from speft_core.models import registered_models
 from speft_core.train import StepReport, TrainCallbacks, TrainResult, fine_tune
 from worker.celery_app import app
 
@@ -123,7 +122,9 @@ def _local_spec(session: Session, job_id: str) -> Iterator[tuple[JobSpec, torch.
     storage = get_storage()
     body = dict(job.spec)
     device = _training_device(body.pop("device", "cpu"))
-    body["model"] = _model_reference(session, job.model)
+    settings = get_settings()
+    body["model"] = model_reference(session, storage=storage, model_id=job.model,
+                                    cache_dir=settings.model_cache_dir)
     with contextlib.ExitStack() as stack:
         for field, file_id in (("training_file", job.training_file),
                                ("validation_file", job.validation_file)):
@@ -151,19 +152,6 @@ def _training_device(kind: str) -> torch.device:
             "the job asked for device 'cuda' but this worker has no CUDA device; run "
             "`speft worker --device cuda` on a GPU machine (it consumes the cuda queue)")
     return torch.device(kind)
-
-
-def _model_reference(session: Session, model: str) -> str:
-    """What speft_core loads for a base model: built-in name, unpacked archive, or folder."""
-    if model in registered_models():
-        return model
-    row = session.get(RegisteredModel, model)
-    if row is not None and row.storage_key and row.sha256:
-        return str(local_model_folder(get_storage(), storage_key=row.storage_key,
-                                      sha256=row.sha256, cache_dir=get_settings().model_cache_dir))
-    if row is None or not row.local_path:
-        raise LookupError(f"base model {model!r} has no weights available to this worker")
-    return row.local_path
 
 
 def _publish(session: Session, job_id: str, spec: JobSpec, result: TrainResult) -> None:

@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     # Database connections kept open per process; size it to the concurrent requests a process
     # serves (each sync request holds one for its duration), or requests open new ones.
     db_pool_size: int = 20
+    # Inference (API process): adapters resident per base model, bounded in bytes (LRU beyond);
+    # requests batched within a wait window up to a batch size; path auto = swap for one adapter
+    # in a batch, mixed batch for several. Preload: adapter ids loaded and pinned at start-up.
+    adapter_cache_bytes: int = 1024 * MiB
+    inference_max_batch_size: int = 32
+    inference_max_wait_ms: float = 2.0
+    inference_path: Literal["auto", "swap", "mixed"] = "auto"
+    inference_device: Device = "cpu"
+    inference_preload: str = ""  # "adapter-1,adapter-2"
 
     @field_validator("broker_url", "s3_endpoint_url", "models_dir", mode="before")
     @classmethod
@@ -124,7 +133,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{_env('port')}: must be in [1, 65535]; got {value}")
         return value
 
-    @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size")
+    @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size", "adapter_cache_bytes",
+                     "inference_max_batch_size")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:
@@ -145,6 +155,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{_env('queue_prefix')}: letters, digits, '.', '_', '-' only; "
                              f"got {value!r}")
         return value
+
+    @field_validator("inference_max_wait_ms")
+    @classmethod
+    def _check_wait(cls, value: float) -> float:
+        if not 0 <= value <= 1000:
+            raise ValueError(f"{_env('inference_max_wait_ms')}: must be in [0, 1000]; got {value}")
+        return value
+
+    @property
+    def preload_adapters(self) -> list[str]:
+        """SPEFT_INFERENCE_PRELOAD as a list of adapter ids."""
+        return [part.strip() for part in self.inference_preload.split(",") if part.strip()]
 
     def queue_for(self, device: str) -> str:
         """The broker queue for jobs on `device` (`cpu` or `cuda`)."""

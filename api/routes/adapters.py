@@ -1,7 +1,7 @@
 """`/v1/adapters`: list, read, download and delete trained sparse deltas."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, StorageDep, TenantDep
@@ -37,9 +37,10 @@ def get_adapter_content(adapter_id: str, session: SessionDep, storage: StorageDe
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted)
-def delete_adapter(adapter_id: str, session: SessionDep, storage: StorageDep,
+def delete_adapter(adapter_id: str, request: Request, session: SessionDep, storage: StorageDep,
                    tenant: TenantDep) -> AdapterDeleted:
-    """Delete an adapter (its delta file is removed; the job keeps its record)."""
+    """Delete an adapter (its delta file is removed, it leaves memory; the job keeps its record)."""
     row = adapters.delete_adapter(session, storage=storage, tenant_id=tenant.id,
                                   adapter_id=adapter_id)
+    request.app.state.inference.unload_adapter(row.id)
     return AdapterDeleted(id=row.id)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
-from api.core.model_cache import ModelArchiveError, cache_archive
+from api.core.model_cache import ModelArchiveError, cache_archive, local_model_folder
 from api.core.models import RegisteredModel, utcnow
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import InvalidRequest, NotFound
@@ -132,3 +132,17 @@ def get_model(session: Session, *, model_id: str) -> RegisteredModel:
     if row is None:
         raise NotFound(f"no such model: {model_id}", param="model")
     return row
+
+
+def model_reference(session: Session, *, storage: Storage, model_id: str,
+                    cache_dir: Path) -> str:
+    """What speft_core loads for a base model: built-in name, unpacked archive, or folder."""
+    if model_id in registered_models():
+        return model_id
+    row = session.get(RegisteredModel, model_id)
+    if row is not None and row.storage_key and row.sha256:
+        return str(local_model_folder(storage, storage_key=row.storage_key, sha256=row.sha256,
+                                      cache_dir=cache_dir))
+    if row is None or not row.local_path:
+        raise LookupError(f"base model {model_id!r} has no weights available to this process")
+    return row.local_path

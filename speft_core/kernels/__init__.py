@@ -1,4 +1,4 @@
-"""Kernels for the sparse delta's gradient, behind one function chosen per device.
+"""Kernels for the sparse delta, each behind one function chosen per device.
 
 `sampled_grad(grad_out, x, pattern)` returns, for each masked entry j = (row, col),
 sum_t grad_out[t, row] * x[t, col]: the gradient of the masked entries only, never a dense dW.
@@ -6,6 +6,10 @@ sum_t grad_out[t, row] * x[t, col]: the gradient of the masked entries only, nev
 - CPU: a small C++ extension built on first use (`sddmm_cpu.cpp`, cached by torch);
   where no compiler is available, `torch.sparse.sampled_addmm` on transposed operands.
 - CUDA: `torch.sparse.sampled_addmm` (cuSPARSE SDDMM) over the pattern's CSR layout.
+
+`segment_sparse_add(x, y, segments)` adds, for each segment of token rows, its own adapter's
+x·Δᵀ into y (the mixed batch of serving): one C++ call per module on the CPU
+(`segment_add_cpu.cpp`), a gather / multiply / index_add per segment elsewhere.
 """
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("sddmm_cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("sddmm_cpu.cpp", "segment_add_cpu.cpp", "bindings.cpp")]
 # -fopenmp matters: at::parallel_for is an inline OpenMP pragma, serial without it.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
+_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class SparsePattern:
 def _extension_name() -> str:
     """Name keyed by source, CPU and torch version, so a cached build never runs on the wrong CPU."""
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     key.update(platform.machine().encode() + platform.processor().encode())
     key.update(torch.__version__.encode())
@@ -96,7 +103,7 @@ def load_cpu_extension() -> ModuleType | None:
 
                 _cpu_ext = load(
                     name=_extension_name(),
-                    sources=[str(_SOURCE)],
+                    sources=[str(source) for source in _SOURCES],
                     extra_cflags=_CFLAGS,
                     extra_ldflags=_LDFLAGS,
                     verbose=False,
@@ -135,3 +142,95 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
     if grad_out.dtype in (torch.float16, torch.bfloat16):
         grad_out, x = grad_out.float(), x.float()
     return _sampled_addmm(grad_out, x, pattern)
+
+
+@dataclass(frozen=True)
+class RowEntries:
+    """One module's sparse delta by row: CSR over the rows it uses, plus each entry's row."""
+
+    rows: torch.Tensor  # (k,) int64, sorted: the row of each entry
+    cols: torch.Tensor  # (k,) int64
+    values: torch.Tensor  # (k,)
+    used_rows: torch.Tensor  # (u,) int64, the distinct rows
+    row_ptr: torch.Tensor  # (u + 1,) int64: entries of used_rows[i] are [row_ptr[i], row_ptr[i+1])
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> RowEntries:
+        """Entries sorted by row (as flat indices are) -> the CSR layout over used rows."""
+        used_rows, counts = torch.unique_consecutive(rows, return_counts=True)
+        row_ptr = torch.zeros(used_rows.numel() + 1, dtype=torch.int64, device=rows.device)
+        row_ptr[1:] = counts.cumsum(0)
+        return cls(rows, cols, values.contiguous(), used_rows, row_ptr)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.rows, self.cols, self.values, self.used_rows, self.row_ptr))
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """One module's entries for every segment of a batch, concatenated once per batch.
+
+    Segment g covers batch rows [segment_rows[g], segment_rows[g+1]) and its rows of the CSR
+    layout are used_rows[segment_used[g]:segment_used[g+1]]; row_ptr holds, per segment, its
+    used rows' entry offsets into cols / values (one more than its used rows).
+    """
+
+    segment_rows: torch.Tensor
+    segment_used: torch.Tensor
+    used_rows: torch.Tensor
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    segments: tuple[tuple[int, int, RowEntries | None], ...]  # for the per-segment fallback
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, int, RowEntries | None]]) -> SegmentPlan:
+        """Plan contiguous segments (start, stop, entries or None) covering rows from 0."""
+        device = next((e.cols.device for _, _, e in segments if e is not None), "cpu")
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        used, ptrs, cols, values = [], [], [], []
+        offset = 0
+        for _, _, entries in segments:
+            if entries is None:
+                ptrs.append(torch.tensor([offset], dtype=torch.int64, device=device))
+                continue
+            used.append(entries.used_rows)
+            ptrs.append(entries.row_ptr + offset)
+            cols.append(entries.cols)
+            values.append(entries.values)
+            offset += entries.cols.numel()
+        bounds = [segments[0][0]] + [stop for _, stop, _ in segments]
+        counts = [0] + [e.used_rows.numel() if e is not None else 0 for _, _, e in segments]
+        return cls(
+            segment_rows=torch.tensor(bounds, dtype=torch.int64),
+            segment_used=torch.tensor(counts, dtype=torch.int64).cumsum(0),
+            used_rows=torch.cat(used) if used else empty, row_ptr=torch.cat(ptrs),
+            cols=torch.cat(cols) if cols else empty,
+            values=torch.cat(values) if values else empty.float(),
+            segments=tuple(segments),
+        )
+
+
+def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, plan: SegmentPlan) -> None:
+    """y[rows of g] += x[rows of g] · Δ_gᵀ for each segment g of the plan, in place.
+
+    x is (batch, ..., n_in) and y (batch, ..., n_out), both batch-first: a segment's rows are
+    all of their tokens.
+    """
+    if (x.device.type == "cpu" and x.dtype in _CPU_DTYPES and plan.values.dtype == x.dtype
+            and x.is_contiguous() and y.is_contiguous()):
+        ext = _cpu_ext or load_cpu_extension()
+        if ext is not None:
+            ext.segment_sparse_add(x, y, plan.segment_rows, plan.segment_used, plan.used_rows,
+                                   plan.row_ptr, plan.cols, plan.values)
+            return
+    tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    for start, stop, entries in plan.segments:
+        if entries is not None:
+            rows = slice(start * tokens_per_row, stop * tokens_per_row)
+            product = x2[rows].index_select(-1, entries.cols) * entries.values
+            y2[rows].index_add_(-1, entries.rows, product)

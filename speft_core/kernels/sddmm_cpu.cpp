@@ -98,7 +98,3 @@ torch::Tensor sampled_grad(torch::Tensor g, torch::Tensor x, torch::Tensor used_
     });
     return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("sampled_grad", &sampled_grad, "out[j] = sum_t g[t, used_rows[rows[j]]] * x[t, used_cols[cols[j]]]");
-}

@@ -16,6 +16,7 @@ from api.core.db import make_engine, session_factory, upgrade_database
 from api.core.model_cache import ModelArchiveError, local_model_folder
 from api.core.models import RegisteredModel
 from api.core.storage import ChecksumMismatch, LocalStorage
+from api.services.models import model_reference
 from speft_core.models import load_model
 from worker import tasks
 
@@ -202,7 +203,9 @@ def test_model_reference_of_a_stored_model_is_a_folder_load_model_loads(worker_e
             session.add(RegisteredModel(id="archived-llama", task="causal_lm",
                                         params=STORIES_PARAMS, storage_key=KEY, sha256=sha256))
             session.flush()
-            reference = tasks._model_reference(session, "archived-llama")
+            reference = model_reference(session, storage=tasks.get_storage(),
+                                        model_id="archived-llama",
+                                        cache_dir=worker_env / "model-cache")
     finally:
         engine.dispose()
     assert Path(reference) == worker_env / "model-cache" / sha256

@@ -1,0 +1,135 @@
+"""Inference with an adapter chosen per request: `/v1/classifications`, `/v1/completions`
+(SSE when streaming), and `GET /v1/adapters/loaded` (what this process holds in memory)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.core.models import Adapter, Tenant, new_id
+from api.deps import SessionDep, StorageDep, TenantDep
+from api.errors import error_body
+from api.schemas import (
+    ClassificationCreate,
+    ClassificationResponse,
+    ClassificationResult,
+    CompletionChoice,
+    CompletionCreate,
+    CompletionResponse,
+    CompletionUsage,
+    LoadedAdapter,
+    LoadedAdapterList,
+)
+from api.services import stored_objects
+from api.services.inference import InferenceEngines, PreparedInference, prepare_inference
+from speft_core.errors import SpeftError
+from speft_core.serving import Completion, SamplingParams
+
+router = APIRouter(tags=["inference"])
+_DONE = object()
+
+
+def _engines(request: Request) -> InferenceEngines:
+    return request.app.state.inference
+
+
+async def _prepare(request: Request, session: Session, storage: Any, tenant: Tenant,
+                   body: ClassificationCreate | CompletionCreate, task: str) -> PreparedInference:
+    """Resolve model and adapters off the event loop (database, storage, cold loads)."""
+    return await run_in_threadpool(
+        prepare_inference, session, engines=_engines(request), storage=storage,
+        tenant_id=tenant.id, model_id=body.model, parts=body.adapter_parts(), task=task)
+
+
+@router.post("/classifications", response_model=ClassificationResponse)
+async def create_classification(body: ClassificationCreate, request: Request,
+                                session: SessionDep, storage: StorageDep,
+                                tenant: TenantDep) -> ClassificationResponse:
+    """Label each input with the adapter's classes (probabilities of every label)."""
+    prepared = await _prepare(request, session, storage, tenant, body, "classification")
+    results = await asyncio.wrap_future(prepared.engine.classify(prepared.adapter, body.texts()))
+    return ClassificationResponse(model=body.model, adapter=body.adapter, data=[
+        ClassificationResult(index=i, label=r.label, probs=r.probs)
+        for i, r in enumerate(results)])
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def create_completion(body: CompletionCreate, request: Request, session: SessionDep,
+                            storage: StorageDep, tenant: TenantDep) -> Any:
+    """Continue the prompt; with `stream`, text arrives as server-sent events as it grows."""
+    prepared = await _prepare(request, session, storage, tenant, body, "causal_lm")
+    engine = prepared.engine
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, stop=body.stop_strings(), seed=body.seed)
+    prompt_ids = await run_in_threadpool(engine.prompt_ids, body.prompt)
+    completion_id, created = new_id("cmpl"), int(time.time())
+
+    def response(text: str, finish: str | None, usage: CompletionUsage | None) -> CompletionResponse:
+        return CompletionResponse(
+            id=completion_id, created=created, model=body.model, adapter=body.adapter,
+            choices=[CompletionChoice(text=text, finish_reason=finish)], usage=usage)
+
+    if not body.stream:
+        result: Completion = await asyncio.wrap_future(
+            engine.complete(prepared.adapter, prompt_ids, params))
+        return response(result.text, result.finish_reason, _usage(result))
+
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[Any] = asyncio.Queue()
+    future: Future = engine.complete(
+        prepared.adapter, prompt_ids, params,
+        on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
+
+    async def events() -> AsyncIterator[str]:
+        while (piece := await pieces.get()) is not _DONE:
+            yield _sse(response(piece, None, None).model_dump())
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            yield _sse(response("", result.finish_reason, _usage(result)).model_dump())
+        else:
+            code, param = (error.code, error.param) if isinstance(error, SpeftError) else (
+                "internal_error", None)
+            yield _sse(error_body(code, str(error), param=param))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/adapters/loaded", response_model=LoadedAdapterList)
+def list_loaded_adapters(request: Request, session: SessionDep,
+                         tenant: TenantDep) -> LoadedAdapterList:
+    """The caller's adapters resident in this API process, most recently used first."""
+    engines = _engines(request)
+    resident = engines.loaded()
+    own = stored_objects.live_by_id(session, Adapter, tenant_id=tenant.id,
+                                    object_ids=[entry.key for _, entry in resident])
+    loaded_engines = engines.engines().values()
+    return LoadedAdapterList(
+        data=[LoadedAdapter(id=entry.key, model=model, bytes=entry.nbytes, pinned=entry.pinned,
+                            hits=entry.hits, load_ms=round(entry.load_seconds * 1000, 3),
+                            loaded_at=int(entry.loaded_at), last_used_at=int(entry.last_used))
+              for model, entry in resident if entry.key in own],
+        resident_bytes=sum(e.cache.resident_bytes for e in loaded_engines),
+        budget_bytes=sum(e.cache.budget_bytes for e in loaded_engines))
+
+
+def _usage(result: Completion) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=result.prompt_tokens,
+                           completion_tokens=result.completion_tokens,
+                           total_tokens=result.prompt_tokens + result.completion_tokens)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,171 @@
+"""Inference: one serving engine per base model in this process, adapters resolved per tenant.
+
+A request names a base model and an adapter choice (an id, several ids with weights, or none).
+`prepare_inference` checks them against the database (the tenant's live adapters, trained on
+that model), then loads each adapter through the engine's cache (verified on first use) and
+composes several into one. The engine batches and runs the request.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.core.config import Settings
+from api.core.models import Adapter, RegisteredModel
+from api.core.storage import ObjectNotFound, Storage
+from api.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
+from api.services import models, stored_objects
+from speft_core.errors import DeltaFormatError, DeltaMismatchError
+from speft_core.models import resolve_model
+from speft_core.serving import (
+    AdapterTooLargeError,
+    CacheEntryInfo,
+    ServingAdapter,
+    ServingEngine,
+    ServingObserver,
+    ServingOptions,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AdapterUnservable(ApiError):
+    """422: the adapter exists but cannot be served (corrupt file, another base, another task)."""
+
+    status_code, code = 422, "adapter_invalid"
+
+
+@dataclass(frozen=True)
+class PreparedInference:
+    """What a request runs on: the model's engine and its (composed) adapter, or None."""
+
+    engine: ServingEngine
+    adapter: ServingAdapter | None
+
+
+class InferenceEngines:
+    """This process's serving engines, one per base model, each loaded on first use."""
+
+    def __init__(self, settings: Settings, storage: Callable[[], Storage],
+                 observer: ServingObserver | None = None) -> None:
+        self.settings, self._storage, self.observer = settings, storage, observer
+        self._engines: dict[str, ServingEngine] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def engine(self, session: Session, model: RegisteredModel) -> ServingEngine:
+        """The engine of a registered base model, loading its weights once (first caller)."""
+        engine = self._engines.get(model.id)
+        if engine is not None:
+            return engine
+        with self._lock:
+            lock = self._loading.setdefault(model.id, threading.Lock())
+        with lock:
+            if model.id not in self._engines:
+                self._engines[model.id] = self._load(session, model)
+        return self._engines[model.id]
+
+    def _load(self, session: Session, model: RegisteredModel) -> ServingEngine:
+        reference = models.model_reference(session, storage=self._storage(), model_id=model.id,
+                                           cache_dir=self.settings.model_cache_dir)
+        path: Path = resolve_model(reference, model.task).path
+        options = ServingOptions(
+            cache_bytes=self.settings.adapter_cache_bytes,
+            max_batch_size=self.settings.inference_max_batch_size,
+            max_wait_ms=self.settings.inference_max_wait_ms, path=self.settings.inference_path)
+        log.info("serving: loading base model %s from %s", model.id, path)
+        return ServingEngine.load(path, model.task, name=model.id, options=options,
+                                  observer=self.observer, device=self.settings.inference_device)
+
+    def engines(self) -> dict[str, ServingEngine]:
+        """The loaded engines by model id."""
+        return dict(self._engines)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Drop an adapter from every engine's cache (after a delete)."""
+        for engine in self.engines().values():
+            engine.unload(adapter_id)
+
+    def loaded(self) -> list[tuple[str, CacheEntryInfo]]:
+        """(model id, entry) for every resident adapter."""
+        return [(name, entry) for name, engine in self.engines().items()
+                for entry in engine.loaded()]
+
+    def close(self) -> None:
+        """Stop every engine's batching thread."""
+        for engine in self.engines().values():
+            engine.close()
+
+
+def prepare_inference(session: Session, *, engines: InferenceEngines, storage: Storage,
+                      tenant_id: str, model_id: str, parts: Sequence[tuple[str, float]],
+                      task: str) -> PreparedInference:
+    """Check the model and the tenant's adapters, then load (or find resident) and compose them."""
+    model = models.get_model(session, model_id=model_id)
+    if model.task != task:
+        endpoint = "/v1/classifications" if model.task == "classification" else "/v1/completions"
+        raise InvalidRequest(f"model {model_id!r} is a {model.task} model: use {endpoint}",
+                             param="model")
+    rows = stored_objects.live_by_id(session, Adapter, tenant_id=tenant_id,
+                                     object_ids=[adapter_id for adapter_id, _ in parts])
+    for adapter_id, _ in parts:
+        row = rows.get(adapter_id)
+        if row is None:
+            raise NotFound(f"no such adapter: {adapter_id}", param="adapter")
+        if row.base_model != model_id:
+            raise InvalidRequest(f"adapter {adapter_id} was trained on {row.base_model!r}, "
+                                 f"not {model_id!r}", param="adapter")
+    engine = engines.engine(session, model)
+    session.commit()  # end the read transaction before any slow load
+    loaded = [(load_adapter(engine, storage, rows[adapter_id]), weight)
+              for adapter_id, weight in parts]
+    if not loaded:
+        return PreparedInference(engine, None)
+    if len(loaded) == 1 and loaded[0][1] == 1.0:
+        return PreparedInference(engine, loaded[0][0])
+    return PreparedInference(engine, engine.compose(loaded))
+
+
+def load_adapter(engine: ServingEngine, storage: Storage, row: Adapter,
+                 *, pin: bool = False) -> ServingAdapter:
+    """The adapter resident in the engine, loaded from storage and verified on a miss."""
+    try:
+        return engine.adapter(row.id, lambda: storage.get(row.storage_key), sha256=row.sha256,
+                              pin=pin)
+    except (DeltaFormatError, DeltaMismatchError) as err:
+        raise AdapterUnservable(f"adapter {row.id} cannot be served: {err.message}",
+                                param="adapter") from err
+    except ObjectNotFound as err:
+        raise AdapterUnservable(f"adapter {row.id}: its delta file is missing from storage",
+                                param="adapter") from err
+    except AdapterTooLargeError as err:
+        raise ServiceUnavailable(f"adapter {row.id} does not fit the adapter cache: "
+                                 f"{err.message}") from err
+
+
+def preload_adapters(session: Session, *, engines: InferenceEngines, storage: Storage,
+                     adapter_ids: Sequence[str]) -> list[str]:
+    """Load and pin the configured adapters (any tenant); log and skip those that fail."""
+    rows = session.scalars(select(Adapter).where(Adapter.id.in_(adapter_ids),
+                                                 Adapter.deleted_at.is_(None))).all()
+    found = {row.id: row for row in rows}
+    pinned = []
+    for adapter_id in adapter_ids:
+        row = found.get(adapter_id)
+        if row is None:
+            log.warning("serving: preload adapter %s: no such live adapter", adapter_id)
+            continue
+        try:
+            model = models.get_model(session, model_id=row.base_model)
+            load_adapter(engines.engine(session, model), storage, row, pin=True)
+        except (ApiError, LookupError) as err:
+            log.warning("serving: preload adapter %s failed: %s", adapter_id, err)
+            continue
+        pinned.append(adapter_id)
+    return pinned

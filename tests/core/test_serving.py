@@ -1,0 +1,634 @@
+"""The serving engine: an adapter served per request gives what the model with it merged gives.
+
+References are built the plain way: load the base, `merge_delta` the adapter's delta (its head
+comes with its extras), run it. The swap path must match bit for bit, the mixed-batch path to
+float tolerance (different padding and summation order), and the base weights must come back
+bit for bit whatever happens.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from speft_core.delta import Delta, delta_to_bytes, merge_delta
+from speft_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError
+from speft_core.models import bundled_minilm_path, load_model, load_tokenizer
+from speft_core.serving import (
+    SamplingParams,
+    ServingEngine,
+    ServingObserver,
+    ServingOptions,
+    random_delta,
+)
+from speft_core.serving.generation import generate
+
+A_LABELS = ["neg", "pos"]
+B_LABELS = ["x", "y", "z"]
+C_LABELS = ["p", "q", "r", "s"]
+TEXTS = ["a lovely film", "terrible, boring and far too long", "ok", "the cast was superb"]
+PROMPTS = ["Once upon a time", "The little dog", "Lily wanted to", "One day, Tom"]
+GREEDY = SamplingParams(max_tokens=20, temperature=0)
+RESULT_TIMEOUT = 120  # seconds; generous: a first mixed batch may build the CPU kernels
+
+
+def _blob_fetch(blob: bytes):
+    return lambda: blob
+
+
+class RecordingObserver(ServingObserver):
+    """Remembers (path, distinct adapters) of every batch the engine ran."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int]] = []
+
+    def batch(self, *, path: str, rows: int, adapters: int, seconds: float) -> None:
+        self.batches.append((path, adapters))
+
+    def ran(self, count: int) -> list[tuple[str, int]]:
+        """The batches, once `count` have been recorded (the hook runs after the results)."""
+        deadline = time.monotonic() + 10
+        while len(self.batches) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.batches
+
+
+# --- classification ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    return bundled_minilm_path()
+
+
+@pytest.fixture(scope="module")
+def cls_deltas(minilm) -> dict[str, tuple[Delta, list[str]]]:
+    """Synthetic adapters for MiniLM: A, A2 (same labels as A), B (3 labels), C (4 labels)."""
+    base = load_model(minilm, "classification", labels=["a", "b"])
+    made = {}
+    for key, labels, seed in (("A", A_LABELS, 1), ("A2", A_LABELS, 2), ("B", B_LABELS, 3),
+                              ("C", C_LABELS, 4)):
+        made[key] = (random_delta(base, density=0.01, seed=seed, labels=labels,
+                                  base_model="minilm-l6", scale=0.05), labels)
+    return made
+
+
+@pytest.fixture(scope="module")
+def cls_blobs(cls_deltas) -> dict[str, bytes]:
+    return {key: delta_to_bytes(delta) for key, (delta, _) in cls_deltas.items()}
+
+
+@pytest.fixture(scope="module")
+def cls_merged(minilm, cls_deltas):
+    """key -> the base model with that adapter merged (built lazily, kept for the module)."""
+    models: dict[str, torch.nn.Module] = {}
+
+    def merged(key: str, delta: Delta | None = None, labels: Sequence[str] | None = None):
+        if key not in models:
+            if delta is None:
+                delta, labels = cls_deltas[key]
+            model = load_model(minilm, "classification", labels=list(labels))
+            merge_delta(model, delta)
+            models[key] = model.eval()
+        return models[key]
+
+    return merged
+
+
+@pytest.fixture(scope="module")
+def cls_tokenizer(minilm):
+    return load_tokenizer(minilm)
+
+
+def reference_probs(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """Softmax over the merged model's logits for texts padded together as one batch."""
+    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=512,
+                        return_tensors="pt")
+    with torch.inference_mode():
+        return torch.softmax(model(**encoded).logits.float(), -1)
+
+
+def probs_of(results, labels: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([[r.probs[label] for label in labels] for r in results])
+
+
+@pytest.fixture(scope="module")
+def swap_engine(minilm, cls_blobs):
+    engine = ServingEngine.load(minilm, "classification", name="minilm-swap",
+                                options=ServingOptions(path="swap", max_wait_ms=0))
+    flat_at_load = engine.served.packed.flat.clone()
+    yield engine, flat_at_load
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def mixed_engine(minilm):
+    engine = ServingEngine.load(minilm, "classification", name="minilm-mixed",
+                                options=ServingOptions(path="auto", max_wait_ms=50),
+                                observer=RecordingObserver())
+    flat_at_load = engine.served.packed.flat.clone()
+    yield engine, flat_at_load
+    engine.close()
+
+
+def assert_flat_is_base(engine: ServingEngine, flat_at_load: torch.Tensor, fresh) -> None:
+    """The packed buffer equals its copy at load and the freshly loaded model's weights."""
+    flat = engine.served.packed.flat
+    assert torch.equal(flat, flat_at_load)
+    for name, slot in engine.served.packed.slots.items():
+        numel = slot.shape[0] * slot.shape[1]
+        weight = fresh.get_submodule(name).weight.detach().reshape(-1)
+        assert torch.equal(flat[slot.offset : slot.offset + numel], weight), name
+
+
+def test_swap_classification_equals_merged_model_exactly(swap_engine, cls_blobs, cls_merged,
+                                                         cls_tokenizer):
+    engine, _ = swap_engine
+    for key in ("A", "B"):
+        adapter = engine.adapter(key, _blob_fetch(cls_blobs[key]))
+        labels = adapter.labels
+        results = engine.classify(adapter, TEXTS).result(timeout=RESULT_TIMEOUT)
+        want = reference_probs(cls_merged(key), cls_tokenizer, TEXTS)
+        assert torch.equal(probs_of(results, labels), want)
+        assert [r.label for r in results] == [labels[i] for i in want.argmax(-1).tolist()]
+
+
+def test_mixed_batch_classification_matches_each_merged_model(mixed_engine, cls_blobs, cls_merged,
+                                                              cls_tokenizer):
+    engine, _ = mixed_engine
+    a = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+    b = engine.adapter("B", _blob_fetch(cls_blobs["B"]))
+    engine.observer.batches.clear()
+    fa, fb = engine.classify(a, TEXTS[:2]), engine.classify(b, TEXTS[2:])
+    got_a, got_b = fa.result(timeout=RESULT_TIMEOUT), fb.result(timeout=RESULT_TIMEOUT)
+    assert engine.observer.ran(1) == [("mixed", 2)]
+    for key, got, texts in (("A", got_a, TEXTS[:2]), ("B", got_b, TEXTS[2:])):
+        want = reference_probs(cls_merged(key), cls_tokenizer, texts)
+        labels = A_LABELS if key == "A" else B_LABELS
+        assert torch.allclose(probs_of(got, labels), want, atol=1e-5, rtol=0)
+        assert [r.label for r in got] == [labels[i] for i in want.argmax(-1).tolist()]
+
+
+def test_forced_mixed_path_with_one_adapter_matches_merged_model(minilm, cls_blobs, cls_merged,
+                                                                 cls_tokenizer):
+    engine = ServingEngine.load(minilm, "classification", name="minilm-forced-mixed",
+                                options=ServingOptions(path="mixed"))
+    try:
+        adapter = engine.adapter("C", _blob_fetch(cls_blobs["C"]))
+        got = engine.classify(adapter, TEXTS).result(timeout=RESULT_TIMEOUT)
+    finally:
+        engine.close()
+    want = reference_probs(cls_merged("C"), cls_tokenizer, TEXTS)
+    assert torch.allclose(probs_of(got, C_LABELS), want, atol=1e-5, rtol=0)
+
+
+def test_concurrent_classification_each_request_gets_its_own_adapter(
+        mixed_engine, cls_blobs, cls_merged, cls_tokenizer, minilm):
+    engine, flat_at_load = mixed_engine
+    adapters = {key: engine.adapter(key, _blob_fetch(cls_blobs[key])) for key in ("A", "B", "C")}
+    wants = {(key, text): reference_probs(cls_merged(key), cls_tokenizer, [text])
+             for key in adapters for text in TEXTS}
+
+    def client(worker: int) -> int:
+        checked = 0
+        for i in range(6):
+            key = "ABC"[(worker + i) % 3]
+            text = TEXTS[(worker * 7 + i) % len(TEXTS)]
+            got = engine.classify(adapters[key], [text]).result(timeout=RESULT_TIMEOUT)
+            labels = adapters[key].labels
+            assert torch.allclose(probs_of(got, labels), wants[key, text], atol=1e-5, rtol=0)
+            checked += 1
+        return checked
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 48
+    assert_flat_is_base(engine, flat_at_load,
+                        load_model(minilm, "classification", labels=["a", "b"]))
+
+
+def test_swap_context_restores_base_bit_for_bit_even_on_error(swap_engine, cls_blobs, cls_merged,
+                                                              cls_deltas, minilm):
+    engine, flat_at_load = swap_engine
+    adapter = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+    merged = cls_merged("A")
+    packed = engine.served.packed
+    with pytest.raises(RuntimeError, match="inside the swap"), engine.served.swapped(adapter):
+        for name in cls_deltas["A"][0].modules:  # inside: exactly the merged weights
+            slot = packed.slots[name]
+            numel = slot.shape[0] * slot.shape[1]
+            assert torch.equal(packed.flat[slot.offset : slot.offset + numel],
+                               merged.get_submodule(name).weight.reshape(-1))
+        assert not torch.equal(packed.flat, flat_at_load)
+        raise RuntimeError("boom inside the swap")
+    engine.classify(adapter, TEXTS).result(timeout=RESULT_TIMEOUT)  # a normal swap batch as well
+    assert_flat_is_base(engine, flat_at_load,
+                        load_model(minilm, "classification", labels=["a", "b"]))
+
+
+def test_composed_adapter_equals_merged_weighted_sum(swap_engine, cls_blobs, cls_deltas,
+                                                     cls_merged, cls_tokenizer):
+    engine, _ = swap_engine
+    a = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+    a2 = engine.adapter("A2", _blob_fetch(cls_blobs["A2"]))
+    composed = engine.compose([(a, 0.5), (a2, 0.5)])
+
+    delta_a, delta_a2 = cls_deltas["A"][0], cls_deltas["A2"][0]
+    modules = {}
+    for name, (idx_a, val_a) in delta_a.modules.items():
+        idx_a2, val_a2 = delta_a2.modules[name]
+        numel = engine.served.model.get_submodule(name).weight.numel()
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense.index_add_(0, idx_a.long(), val_a.float() * 0.5)
+        dense.index_add_(0, idx_a2.long(), val_a2.float() * 0.5)
+        union = torch.unique(torch.cat([idx_a.long(), idx_a2.long()]))
+        modules[name] = (union.to(idx_a.dtype), dense[union])
+    extras = {name: tensor * 0.5 + delta_a2.extras[name] * 0.5
+              for name, tensor in delta_a.extras.items()}
+    summed = Delta(modules=modules, extras=extras, metadata=dict(delta_a.metadata))
+    want = reference_probs(cls_merged("A+A2", summed, A_LABELS), cls_tokenizer, TEXTS)
+
+    got = engine.classify(composed, TEXTS).result(timeout=RESULT_TIMEOUT)
+    assert torch.equal(probs_of(got, A_LABELS), want)
+    assert not torch.equal(want, reference_probs(cls_merged("A"), cls_tokenizer, TEXTS))
+
+
+def test_composing_adapters_with_different_labels_is_refused(swap_engine, cls_blobs):
+    engine, _ = swap_engine
+    a = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+    b = engine.adapter("B", _blob_fetch(cls_blobs["B"]))
+    with pytest.raises(ConfigError) as err:
+        engine.compose([(a, 0.5), (b, 0.5)])
+    assert err.value.param == "adapter"
+
+
+def test_classify_refuses_a_causal_adapter(causal_engine, causal_blobs):
+    engine, _ = causal_engine
+    adapter = engine.adapter("A", _blob_fetch(causal_blobs["A"]))
+    with pytest.raises(ConfigError) as err:
+        engine.classify(adapter, ["hello"])
+    assert err.value.param == "adapter"
+
+
+def test_classify_refuses_no_adapter(swap_engine):
+    engine, _ = swap_engine
+    with pytest.raises(ConfigError) as err:
+        engine.classify(None, ["hello"])
+    assert err.value.param == "adapter"
+
+
+def test_loading_an_adapter_during_a_batch_leaves_both_alone(minilm, cls_blobs, cls_merged,
+                                                             cls_tokenizer):
+    """A load's head check and a batch's head overlap (the interleaving pinned down by hooks)."""
+    engine = ServingEngine.load(minilm, "classification", name="minilm-race",
+                                options=ServingOptions(max_wait_ms=0))
+    try:
+        a = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+        head = engine.served.model.get_submodule(engine.served.head_prefix).inner
+        loader_in, batch_in, loader_done = threading.Event(), threading.Event(), threading.Event()
+        main = threading.current_thread()
+
+        def pre(_module, _inputs):
+            if threading.current_thread() is main:  # the load's head check has begun
+                loader_in.set()
+                batch_in.wait(5)
+            else:  # the batch's head has begun
+                batch_in.set()
+                loader_done.wait(5)
+
+        def post(_module, _inputs, _output):
+            if threading.current_thread() is main:
+                loader_done.set()
+
+        handles = [head.register_forward_pre_hook(pre), head.register_forward_hook(post)]
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                batch = pool.submit(lambda: (loader_in.wait(5), engine.classify(a, TEXTS))[1])
+                load_error = None
+                try:
+                    engine.adapter("C", _blob_fetch(cls_blobs["C"]))
+                except DeltaMismatchError as err:
+                    load_error = err
+                future = batch.result(timeout=RESULT_TIMEOUT)
+                batch_error = future.exception(timeout=RESULT_TIMEOUT)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        assert load_error is None
+        assert batch_error is None
+        want = reference_probs(cls_merged("A"), cls_tokenizer, TEXTS)
+        assert torch.equal(probs_of(future.result(), A_LABELS), want)
+        again = engine.classify(a, TEXTS).result(timeout=RESULT_TIMEOUT)  # and A's head is still A's
+        assert torch.equal(probs_of(again, A_LABELS), want)
+    finally:
+        engine.close()
+
+
+# --- corrupt adapters, single-flight loads ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_blobs(minilm, cls_blobs) -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, sha256 to check against) of adapters the engine must refuse."""
+    good = cls_blobs["A"]
+    other = load_model(minilm, "classification", labels=A_LABELS)
+    with torch.no_grad():
+        other.get_submodule("bert.encoder.layer.0.attention.self.query").weight[0, 0] += 1e-3
+    foreign = random_delta(other, density=0.01, seed=5, labels=A_LABELS, base_model="other")
+    base = load_model(minilm, "classification", labels=A_LABELS)
+    causal = random_delta(base, density=0.01, seed=6, base_model="minilm-l6")  # task causal_lm
+    return {
+        "truncated": (good[: len(good) // 2], None),
+        "wrong-sha256": (good, hashlib.sha256(b"something else").hexdigest()),
+        "other-base": (delta_to_bytes(foreign), None),
+        "other-task": (delta_to_bytes(causal), None),
+    }
+
+
+@pytest.mark.parametrize("kind", [
+    "truncated",
+    "wrong-sha256",
+    "other-base",
+    "other-task",
+])
+def test_corrupt_adapter_is_refused_uncached_while_good_requests_go_on(
+        swap_engine, cls_blobs, cls_merged, cls_tokenizer, bad_blobs, kind):
+    engine, _ = swap_engine
+    good = engine.adapter("A", _blob_fetch(cls_blobs["A"]))
+    want = reference_probs(cls_merged("A"), cls_tokenizer, TEXTS)
+    stop = threading.Event()
+
+    def keep_classifying() -> int:
+        served = 0
+        while not stop.is_set() or served == 0:
+            got = engine.classify(good, TEXTS).result(timeout=RESULT_TIMEOUT)
+            assert torch.equal(probs_of(got, A_LABELS), want)
+            served += 1
+        return served
+
+    data, sha256 = bad_blobs[kind]
+    with ThreadPoolExecutor(2) as pool:
+        clients = [pool.submit(keep_classifying) for _ in range(2)]
+        try:
+            with pytest.raises((DeltaFormatError, DeltaMismatchError)) as err:
+                engine.adapter(f"bad-{kind}", _blob_fetch(data), sha256=sha256)
+        finally:
+            stop.set()
+        assert all(c.result(timeout=RESULT_TIMEOUT) > 0 for c in clients)
+    assert f"bad-{kind}" not in engine.cache
+    assert err.value.param == "adapter"
+    assert f"bad-{kind}" in str(err.value)
+
+
+def test_concurrent_cold_loads_fetch_once(minilm, cls_blobs):
+    engine = ServingEngine.load(minilm, "classification", name="minilm-flight")
+    calls = []
+    lock = threading.Lock()
+
+    def fetch() -> bytes:
+        with lock:
+            calls.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return cls_blobs["B"]
+
+    barrier = threading.Barrier(8)
+
+    def load(_):
+        barrier.wait(5)
+        return engine.adapter("B", fetch)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            adapters = list(pool.map(load, range(8)))
+    finally:
+        engine.close()
+    assert len(calls) == 1
+    assert all(a is adapters[0] for a in adapters)
+    assert adapters[0].labels == B_LABELS
+
+
+# --- causal LM -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_deltas(stories_dir):
+    base = load_model(stories_dir, "causal_lm")
+    return {key: random_delta(base, density=0.05, seed=seed, base_model="stories-260k", scale=0.5)
+            for key, seed in (("A", 1), ("B", 2), ("E1", 11), ("E2", 12), ("E3", 13),
+                              ("E4", 14), ("E5", 15))}
+
+
+@pytest.fixture(scope="module")
+def causal_blobs(causal_deltas):
+    return {key: delta_to_bytes(delta) for key, delta in causal_deltas.items()}
+
+
+@pytest.fixture(scope="module")
+def causal_engine(stories_dir):
+    engine = ServingEngine.load(stories_dir, "causal_lm", name="stories",
+                                options=ServingOptions(max_wait_ms=5), observer=RecordingObserver())
+    flat_at_load = engine.served.packed.flat.clone()
+    yield engine, flat_at_load
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def causal_refs(stories_dir, causal_deltas, causal_engine):
+    """(adapter key or None, prompt) -> greedy Completion of the merged model, one prompt alone."""
+    engine, _ = causal_engine
+    tokenizer = load_tokenizer(stories_dir)
+    refs = {}
+    for key in (None, "A", "B"):
+        model = load_model(stories_dir, "causal_lm").eval()
+        if key is not None:
+            merge_delta(model, causal_deltas[key])
+        with torch.inference_mode():
+            for prompt in PROMPTS:
+                refs[key, prompt] = generate(model, tokenizer, [engine.prompt_ids(prompt)],
+                                             [GREEDY])[0]
+    for key in ("A", "B"):  # the adapters change what greedy decoding says
+        assert any(refs[key, p].text != refs[None, p].text for p in PROMPTS)
+    return refs
+
+
+def test_swap_completion_equals_merged_model(stories_dir, causal_blobs, causal_refs):
+    engine = ServingEngine.load(stories_dir, "causal_lm", name="stories-swap",
+                                options=ServingOptions(path="swap", max_wait_ms=0))
+    try:
+        for key in ("A", "B"):
+            adapter = engine.adapter(key, _blob_fetch(causal_blobs[key]))
+            for prompt in PROMPTS:
+                got = engine.complete(adapter, engine.prompt_ids(prompt), GREEDY).result(RESULT_TIMEOUT)
+                assert got == causal_refs[key, prompt]
+    finally:
+        engine.close()
+
+
+def test_mixed_batch_completions_match_each_merged_model(causal_engine, causal_blobs,
+                                                         causal_refs):
+    engine, _ = causal_engine
+    adapters = {None: None, **{k: engine.adapter(k, _blob_fetch(causal_blobs[k]))
+                               for k in ("A", "B")}}
+    engine.observer.batches.clear()
+    futures = {(key, prompt): engine.complete(adapter, engine.prompt_ids(prompt), GREEDY)
+               for key, adapter in adapters.items() for prompt in PROMPTS[:2]}
+    got = {k: f.result(timeout=RESULT_TIMEOUT) for k, f in futures.items()}
+    assert ("mixed", 3) in engine.observer.ran(1)
+    for key_prompt, completion in got.items():
+        assert completion.text == causal_refs[key_prompt].text, key_prompt
+
+
+def test_concurrent_completions_each_get_their_adapter_and_base_is_untouched(
+        causal_engine, causal_blobs, causal_refs, stories_dir):
+    engine, flat_at_load = causal_engine
+    adapters = {None: None, **{k: engine.adapter(k, _blob_fetch(causal_blobs[k]))
+                               for k in ("A", "B")}}
+    keys = [None, "A", "B"]
+
+    def client(worker: int) -> int:
+        for i in range(4):
+            key = keys[(worker + i) % 3]
+            prompt = PROMPTS[(worker + 2 * i) % len(PROMPTS)]
+            got = engine.complete(adapters[key], engine.prompt_ids(prompt), GREEDY).result(RESULT_TIMEOUT)
+            assert got.text == causal_refs[key, prompt].text, (key, prompt)
+        return 4
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 32
+    assert_flat_is_base(engine, flat_at_load, load_model(stories_dir, "causal_lm"))
+
+
+# --- eviction ------------------------------------------------------------------------------------
+
+
+def test_eviction_keeps_within_budget_drops_lru_keeps_pinned_and_frees(stories_dir, causal_blobs):
+    sizer = ServingEngine.load(stories_dir, "causal_lm", name="stories-sizer")
+    try:
+        nbytes = {k: sizer.adapter(k, _blob_fetch(causal_blobs[k])).nbytes
+                  for k in ("E1", "E2", "E3", "E4", "E5")}
+    finally:
+        sizer.close()
+    sizes = sorted(nbytes.values())
+    budget = sizes[-1] + sizes[-2] + sizes[0] // 2  # any two adapters fit, no three do
+    assert sum(sizes[:3]) > budget
+    engine = ServingEngine.load(stories_dir, "causal_lm", name="stories-evict",
+                                options=ServingOptions(cache_bytes=budget))
+    try:
+        refs = {}
+
+        def load(key: str, pin: bool = False) -> None:
+            refs[key] = weakref.ref(engine.adapter(key, _blob_fetch(causal_blobs[key]), pin=pin))
+            assert engine.cache.resident_bytes <= engine.cache.budget_bytes == budget
+
+        for key in ("E1", "E2", "E3", "E4"):
+            load(key)
+        assert [e.key for e in engine.loaded()] == ["E4", "E3"]
+        gc.collect()
+        assert refs["E1"]() is None and refs["E2"]() is None
+        assert refs["E3"]() is not None
+
+        engine.unload("E3")
+        engine.unload("E4")
+        load("E1", pin=True)
+        for key in ("E2", "E3", "E4", "E5"):
+            load(key)
+            assert "E1" in engine.cache
+        assert [e.key for e in engine.loaded()] == ["E5", "E1"]
+        assert engine.loaded()[1].pinned
+        gc.collect()
+        assert all(refs[k]() is None for k in ("E2", "E3", "E4"))
+    finally:
+        engine.close()
+
+
+def test_evicted_adapter_that_served_a_request_is_freed(stories_dir, causal_blobs):
+    engine = ServingEngine.load(stories_dir, "causal_lm", name="stories-free")
+    try:
+        adapter = engine.adapter("E1", _blob_fetch(causal_blobs["E1"]))
+        engine.complete(adapter, engine.prompt_ids("Once"), GREEDY).result(timeout=RESULT_TIMEOUT)
+        ref = weakref.ref(adapter)
+        del adapter
+        assert engine.unload("E1")
+        gc.collect()
+        assert ref() is None
+    finally:
+        engine.close()
+
+
+# --- generation features -------------------------------------------------------------------------
+
+
+def _complete(engine, prompt: str, params: SamplingParams, adapter=None):
+    pieces: list[str] = []
+    completion = engine.complete(adapter, engine.prompt_ids(prompt), params,
+                                 on_text=pieces.append).result(timeout=RESULT_TIMEOUT)
+    return completion, pieces
+
+
+def test_stop_string_truncates_and_is_never_streamed(causal_engine, causal_refs):
+    engine, _ = causal_engine
+    full = causal_refs[None, PROMPTS[0]].text
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    assert stop in full
+    completion, pieces = _complete(engine, PROMPTS[0],
+                                   SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
+    assert completion.text == full[: full.index(stop)]
+    assert completion.finish_reason == "stop"
+    assert "".join(pieces) == completion.text
+    assert all(stop not in piece for piece in pieces)
+    assert len(pieces) > 1  # it streamed as it went, not all at the end
+
+
+def test_streamed_pieces_concatenate_to_the_text(causal_engine):
+    engine, _ = causal_engine
+    params = SamplingParams(max_tokens=25, temperature=0.8, seed=4, stop=(".", " the"))
+    completion, pieces = _complete(engine, PROMPTS[1], params)
+    assert "".join(pieces) == completion.text
+    assert "." not in completion.text and " the" not in completion.text
+
+
+def test_max_tokens_ends_with_length(causal_engine):
+    engine, _ = causal_engine
+    completion, _ = _complete(engine, PROMPTS[0], SamplingParams(max_tokens=7, temperature=0))
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 7
+    assert completion.prompt_tokens == len(engine.prompt_ids(PROMPTS[0]))
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(causal_engine):
+    engine, _ = causal_engine
+
+    def sample(seed: int) -> str:
+        params = SamplingParams(max_tokens=20, temperature=1.0, seed=seed)
+        return _complete(engine, PROMPTS[2], params)[0].text
+
+    assert sample(3) == sample(3)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
+def test_tiny_top_p_is_greedy(causal_engine, causal_blobs, causal_refs):
+    engine, _ = causal_engine
+    adapter = engine.adapter("A", _blob_fetch(causal_blobs["A"]))
+    for seed in (0, 1):
+        params = SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6, seed=seed)
+        completion, _ = _complete(engine, PROMPTS[3], params, adapter)
+        assert completion.text == causal_refs["A", PROMPTS[3]].text
+
+
+def test_prompt_plus_max_tokens_beyond_positions_is_refused(causal_engine):
+    engine, _ = causal_engine
+    ids = engine.prompt_ids("Once upon a time " * 200)[:500]
+    assert len(ids) == 500 and engine.max_positions == 512
+    with pytest.raises(ConfigError) as err:
+        engine.complete(None, ids, SamplingParams(max_tokens=13, temperature=0))
+    assert err.value.param == "max_tokens"
+    completion = engine.complete(None, ids, SamplingParams(max_tokens=12, temperature=0))
+    assert completion.result(timeout=RESULT_TIMEOUT).prompt_tokens == 500
