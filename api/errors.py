@@ -79,9 +79,15 @@ def error_body(code: str, message: str, *, param: str | None = None,
     return {"error": {"code": code, "message": message, "param": param, "type": error_type}}
 
 
+_LOCATION_ROOTS = ("body", "query", "path", "header")
+# pydantic names the branch of a union field it tried (`input.str`, `adapter.list[...]`): not a field
+_UNION_BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "bytes"})
+
+
 def _validation_param(location: tuple[Any, ...]) -> str | None:
-    """`("body", "method", "speft", "density")` -> "method.speft.density"."""
-    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    """`("body", "method", "speft", "density")` -> "method.speft.density" (union branches dropped)."""
+    parts = [str(p) for p in location if p not in _LOCATION_ROOTS]
+    parts = [p for p in parts if "[" not in p and p not in _UNION_BRANCH_NAMES]
     return ".".join(parts) or None
 
 

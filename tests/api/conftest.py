@@ -18,21 +18,21 @@ from api.main import create_app
 ClientFactory = Callable[..., TestClient]
 
 
+def start_client(stack: ExitStack, folder: Path, **overrides: Any) -> TestClient:
+    """A TestClient started inside `stack`, on SQLite and a storage folder under `folder`."""
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{folder / 'speft.db'}",
+        "storage_url": f"file://{folder / 'storage'}",
+    }
+    values.update(overrides)
+    return stack.enter_context(TestClient(create_app(Settings(**values))))
+
+
 @pytest.fixture
 def make_client(tmp_path: Path) -> Iterator[ClientFactory]:
     """A factory of started TestClients; settings default to tmp SQLite and a tmp storage folder."""
     with ExitStack() as stack:
-
-        def factory(**overrides: Any) -> TestClient:
-            values: dict[str, Any] = {
-                "database_url": f"sqlite:///{tmp_path / 'speft.db'}",
-                "storage_url": f"file://{tmp_path / 'storage'}",
-            }
-            values.update(overrides)
-            app = create_app(Settings(**values))
-            return stack.enter_context(TestClient(app))
-
-        yield factory
+        yield lambda **overrides: start_client(stack, tmp_path, **overrides)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from api.services.jobs import claim_job, finish_succeeded
 from tests.api.conftest import ClientFactory
-from tests.api.test_jobs_api import ALICE, BOB, KEYS, create, upload
+from tests.api.test_jobs_api import ALICE, BOB, CLASSIFICATION, KEYS, create, upload
 
 DELTA = b"not really safetensors, but bytes are bytes" * 100
 
@@ -21,9 +21,12 @@ def client(make_client: ClientFactory) -> TestClient:
     return client
 
 
-def make_adapter(client: TestClient, *, content: bytes = DELTA) -> tuple[str, str]:
-    """A succeeded alice job with a stored adapter, as a worker leaves it; (job id, adapter id)."""
-    job_id = create(client, {"model": "minilm-l6", "training_file": upload(client)}).json()["id"]
+def make_adapter(client: TestClient, *, content: bytes = DELTA, model: str = "minilm-l6",
+                 training: bytes = CLASSIFICATION) -> tuple[str, str]:
+    """A succeeded alice job on `model` (trained on `training`) with `content` stored as its
+    adapter, as a worker leaves it; (job id, adapter id)."""
+    job_id = create(client, {"model": model,
+                             "training_file": upload(client, training)}).json()["id"]
     adapter_id = f"adapter-{job_id.removeprefix('ftjob-')}"
     key = f"adapters/{adapter_id}.safetensors"
     stored = client.app.state.storage.put(key, content)

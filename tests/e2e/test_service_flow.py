@@ -5,7 +5,8 @@ Parametrized over two stacks:
 - `embedded`: SQLite file, embedded SQLite broker, file:// storage, open mode.
 
 The adapter downloaded from the service is loaded with speft_core, applied to the base MiniLM
-classifier (its predictions change) and reverted (the base comes back bit for bit).
+classifier (its predictions change) and reverted (the base comes back bit for bit); the service's
+own `/v1/classifications` with that adapter answers what the base with it merged answers.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import redis
 import torch
 
 from api.client import SpeftClient
-from speft_core.delta import apply_delta, load_delta, revert_delta
+from speft_core.delta import Delta, apply_delta, load_delta, merge_delta, revert_delta
 from speft_core.models import load_model, load_tokenizer, registered_models
 from tests.fixtures.s3 import S3_TEST_CREDENTIALS, _free_port
 
@@ -199,6 +200,23 @@ def _logits(model: torch.nn.Module, tokenizer: Any, texts: list[str]) -> torch.T
         return model(**batch).logits.clone()
 
 
+def _assert_served_like_merged(served: dict[str, Any], delta: Delta, path: Path,
+                               texts: list[str]) -> None:
+    """The service's answer equals the base with the downloaded delta merged (head included)."""
+    model = load_model(path, "classification", labels=delta.labels).eval()
+    merge_delta(model, delta)
+    encoded = load_tokenizer(path)(texts, padding=True, truncation=True, max_length=512,
+                                   return_tensors="pt")
+    with torch.inference_mode():
+        want = torch.softmax(model(**encoded).logits.float(), -1)
+    assert [row["index"] for row in served["data"]] == list(range(len(texts)))
+    got = torch.tensor([[row["probs"][label] for label in delta.labels]
+                        for row in served["data"]])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert [row["label"] for row in served["data"]] == [delta.labels[i]
+                                                        for i in want.argmax(-1).tolist()]
+
+
 def test_train_download_apply_revert(stack: Stack, data_dir: Path, tmp_path: Path) -> None:
     train = _head(data_dir / "sst2" / "train.jsonl", TRAIN_LINES, tmp_path / "train.jsonl")
     dev = _head(data_dir / "sst2" / "dev.jsonl", DEV_LINES, tmp_path / "dev.jsonl")
@@ -231,6 +249,9 @@ def test_train_download_apply_revert(stack: Stack, data_dir: Path, tmp_path: Pat
         assert len(adapter["sha256"]) == 64
         delta_path = tmp_path / "delta.safetensors"
         written = client.download_adapter(adapter["id"], delta_path)
+        served_texts = [json.loads(line)["text"] for line in dev.read_text().splitlines()[:3]]
+        served = client._json("POST", "/v1/classifications", json={
+            "model": "minilm-l6", "adapter": adapter["id"], "input": served_texts})
 
     data = delta_path.read_bytes()
     assert written == len(data) == adapter["bytes"]
@@ -241,6 +262,7 @@ def test_train_download_apply_revert(stack: Stack, data_dir: Path, tmp_path: Pat
     assert sorted(delta.labels) == ["negative", "positive"]
 
     source = registered_models()["minilm-l6"]
+    _assert_served_like_merged(served, delta, source.path, served_texts)
     torch.manual_seed(0)
     model = load_model(source.path, "classification", labels=delta.labels).eval()
     tokenizer = load_tokenizer(source.path)
