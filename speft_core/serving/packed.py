@@ -4,7 +4,7 @@ At start-up each Linear weight's storage is moved into a slice of one 1-D tensor
 parameter becomes a view of that slice: no copy stays behind, tied weights stay tied (the shared
 parameter is moved once), and the model computes exactly as before. An adapter's entries over
 all its modules then become one sorted vector of positions into `flat`, and applying or
-restoring it is one index_select / index_put over the whole model instead of one per module.
+restoring it is one index_select / index_copy_ over the whole model instead of one per module.
 """
 from __future__ import annotations
 
