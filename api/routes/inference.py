@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -85,14 +86,23 @@ async def create_completion(body: CompletionCreate, request: Request, session: S
 
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
-    future: Future = engine.complete(
-        prepared.adapter, prompt_ids, params,
-        on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+    gone = threading.Event()  # the client stopped reading: its row stops at the next piece
+
+    def on_text(piece: str) -> bool:
+        if gone.is_set():
+            return False
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        return True
+
+    future: Future = engine.complete(prepared.adapter, prompt_ids, params, on_text=on_text)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
 
     async def events() -> AsyncIterator[str]:
-        while (piece := await pieces.get()) is not _DONE:
-            yield _sse(response(piece, None, None).model_dump())
+        try:
+            while (piece := await pieces.get()) is not _DONE:
+                yield _sse(response(piece, None, None).model_dump())
+        finally:
+            gone.set()
         error = future.exception()
         if error is None:
             result = future.result()

@@ -178,8 +178,10 @@ class ServingEngine:
         return head + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def complete(self, adapter: ServingAdapter | None, prompt_ids: list[int],
-                 params: SamplingParams, on_text: Callable[[str], None] | None = None) -> Future:
-        """Queue a completion; the future gives a Completion, `on_text` gets text as it grows."""
+                 params: SamplingParams,
+                 on_text: Callable[[str], bool | None] | None = None) -> Future:
+        """Queue a completion; the future gives a Completion, `on_text` gets text as it grows
+        (returning False stops this request early: finish reason `cancelled`)."""
         if len(prompt_ids) + params.max_tokens > self.max_positions:
             raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
                               f"({params.max_tokens}) exceed the model's {self.max_positions} "

@@ -15,6 +15,7 @@ from torch import nn
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"  # the row's on_text returned False (e.g. its client went away)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class _Row:
 
     prompt_ids: list[int]
     params: SamplingParams
-    on_text: Callable[[str], None] | None
+    on_text: Callable[[str], bool | None] | None
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already streamed
@@ -57,9 +58,12 @@ def generate(
     tokenizer,
     prompts: Sequence[list[int]],
     params: Sequence[SamplingParams],
-    on_text: Sequence[Callable[[str], None] | None] | None = None,
+    on_text: Sequence[Callable[[str], bool | None] | None] | None = None,
 ) -> list[Completion]:
-    """Decode every prompt (token ids) together; `on_text[i]` receives row i's text as it grows."""
+    """Decode every prompt (token ids) together; `on_text[i]` receives row i's text as it grows.
+
+    A callback returning False stops its row (finish reason `cancelled`); the others go on.
+    """
     device = next(model.parameters()).device
     rows = [_Row(list(p), s, cb, _generator(s, device))
             for p, s, cb in zip(prompts, params, on_text or [None] * len(prompts), strict=True)]
@@ -142,5 +146,6 @@ def _advance(row: _Row, token: int, tokenizer) -> None:
 
 def _send(row: _Row, upto: int) -> None:
     if row.on_text is not None and upto > row.sent:
-        row.on_text(row.text[row.sent : upto])
+        if row.on_text(row.text[row.sent : upto]) is False:
+            row.finish_reason = FINISH_CANCELLED
     row.sent = max(row.sent, upto)

@@ -595,6 +595,25 @@ def test_streamed_pieces_concatenate_to_the_text(causal_engine):
     assert "." not in completion.text and " the" not in completion.text
 
 
+def test_a_row_whose_reader_is_gone_stops_while_its_batch_goes_on(stories_dir):
+    """on_text returning False (a streaming client went away) ends that row early only."""
+    engine = ServingEngine.load(stories_dir, "causal_lm", name="stories-cancel",
+                                options=ServingOptions(max_wait_ms=50))
+    try:
+        params = SamplingParams(max_tokens=30, temperature=0)
+        kept: list[str] = []
+        dropped = engine.complete(None, engine.prompt_ids(PROMPTS[0]), params,
+                                  on_text=lambda piece: False)
+        reading = engine.complete(None, engine.prompt_ids(PROMPTS[1]), params,
+                                  on_text=lambda piece: kept.append(piece) is None)
+        stopped, finished = dropped.result(RESULT_TIMEOUT), reading.result(RESULT_TIMEOUT)
+    finally:
+        engine.close()
+    assert stopped.finish_reason == "cancelled" and stopped.completion_tokens < 5
+    assert finished.finish_reason == "length" and finished.completion_tokens == 30
+    assert "".join(kept) == finished.text
+
+
 def test_max_tokens_ends_with_length(causal_engine):
     engine, _ = causal_engine
     completion, _ = _complete(engine, PROMPTS[0], SamplingParams(max_tokens=7, temperature=0))
