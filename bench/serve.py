@@ -61,6 +61,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import start_run  # bench/common.py
+
 from speft_core.delta import delta_to_bytes
 from speft_core.models import bundled_minilm_path, load_model, load_tokenizer
 from speft_core.serving import (
@@ -129,7 +131,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "device": "cpu", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
 
@@ -234,22 +237,27 @@ def measure_swap(engine: ServingEngine, adapters: Sequence[Any], repeats: int) -
     """apply (enter), restore (exit), apply+restore (a plain `with`) per adapter, in ms."""
     per_adapter = []
     probe = LoadProbe()
+    sync = torch.cuda.synchronize if engine.served.device.type == "cuda" else (lambda: None)
     for adapter in adapters:
         for _ in range(3):  # warm-up
             with engine.served.swapped(adapter):
                 pass
         total, apply, restore = [], [], []
         for _ in range(repeats):
+            sync()
             started = time.perf_counter()
             with engine.served.swapped(adapter):
-                pass
+                sync()
             total.append(time.perf_counter() - started)
         for _ in range(repeats):
             manager = engine.served.swapped(adapter)
+            sync()
             started = time.perf_counter()
             manager.__enter__()
+            sync()
             entered = time.perf_counter()
             manager.__exit__(None, None, None)
+            sync()
             apply.append(entered - started)
             restore.append(time.perf_counter() - entered)
         per_adapter.append({"key": adapter.key, "apply_restore_ms": median(total) * 1e3,
@@ -332,9 +340,9 @@ def engine_round(spec: ModelSpec, engine: ServingEngine, observer: CountingObser
     return run
 
 
-def plain_forward_round(spec: ModelSpec) -> Callable[[int], dict[str, Any]]:
+def plain_forward_round(spec: ModelSpec, device: str) -> Callable[[int], dict[str, Any]]:
     """The unmodified HF model on the same batches the engine forms (tokenise + forward)."""
-    model = load_model(spec.path, spec.task, labels=list(spec.labels)).eval()
+    model = load_model(spec.path, spec.task, labels=list(spec.labels)).eval().to(device)
     tokenizer = load_tokenizer(spec.path)
     texts = [t for payload in spec.payloads for t in payload]
     per_batch = spec.max_batch_size // spec.rows_per_request * spec.rows_per_request
@@ -346,7 +354,8 @@ def plain_forward_round(spec: ModelSpec) -> Callable[[int], dict[str, Any]]:
         with torch.inference_mode():
             for start in range(0, len(texts), per_batch):
                 encoded = tokenizer(texts[start : start + per_batch], padding=True,
-                                    truncation=True, max_length=max_len, return_tensors="pt")
+                                    truncation=True, max_length=max_len,
+                                    return_tensors="pt").to(device)
                 torch.softmax(model(**encoded).logits.float(), -1).tolist()
         return {"seconds": time.perf_counter() - started, "tokens": 0,
                 "other_cores": probe.other_cores(), "batches": []}
@@ -388,7 +397,7 @@ def measure_throughput(spec: ModelSpec, engines: dict[str, tuple[ServingEngine, 
         configs.append(Config("base-only (1 adapter, swap)", 1, "swap",
                               engine_round(spec, swap, swap_obs, adapters["swap"][:1])))
         if not args.no_plain:
-            configs.append(Config("plain HF forward", 0, "plain", plain_forward_round(spec)))
+            configs.append(Config("plain HF forward", 0, "plain", plain_forward_round(spec, args.device)))
     else:
         configs.append(Config("base-only (no adapter)", 0, "auto",
                               engine_round(spec, auto, auto_obs, [None])))
@@ -432,7 +441,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, folder: Path) -> dict
                                  max_batch_size=spec.max_batch_size,
                                  max_wait_ms=args.max_wait_ms, path=path)
         engines[path] = (ServingEngine.load(spec.path, spec.task, name=f"{spec.name}-{path}",
-                                            options=options, observer=observer), observer)
+                                            options=options, observer=observer,
+                                            device=args.device), observer)
     try:
         auto = engines["auto"][0]
         if spec.task != "classification":
@@ -489,8 +499,8 @@ def evaluate_targets(models: dict[str, Any], density: float) -> list[dict[str, A
 
 def markdown_report(report: dict[str, Any]) -> str:
     """Two tables (per-adapter costs, throughput) and the targets."""
-    lines = ["| model | nnz | file KiB | resident KiB | swap apply+restore ms (min) | apply ms "
-             "| restore ms | cold load ms (min) | first load ms |",
+    lines = [("| model | nnz | file KiB | resident KiB | swap apply+restore ms (min) | apply ms "
+              "| restore ms | cold load ms (min) | first load ms |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in report["models"].items():
         s, c = m["swap"], m["cold_load"]
@@ -499,8 +509,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                      f"({s['apply_restore_ms_min']:.3f}) | {s['apply_ms']:.3f} "
                      f"| {s['restore_ms']:.3f} | {c['median_ms']:.1f} ({c['min_ms']:.1f}) "
                      f"| {c['first_load_ms']:.1f} |")
-    lines += ["", "| model | configuration | adapters/batch | requests/s | rows/s | tokens/s "
-              "| × base-only | others' load (cores) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", ("| model | configuration | adapters/batch | requests/s | rows/s | tokens/s "
+                   "| × base-only | others' load (cores) |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in report["models"].items():
         for config, r in m["throughput"].items():
             per_batch = f"{r['adapters_per_batch']:.1f}" if "adapters_per_batch" in r else "-"
@@ -552,6 +562,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-mib", type=int, default=1024, help="adapter cache budget")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain HF forward")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the engines run (cuda: one GPU)")
     parser.add_argument("--quick", action="store_true", help="few repeats, one round (smoke run)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
     args = parser.parse_args(argv)
@@ -598,10 +610,7 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every measurement for every model, write the JSON, print the tables."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args.threads)
     torch.manual_seed(SEED)
     started = time.perf_counter()
     specs = model_specs(args)

@@ -65,6 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
+from common import start_run  # bench/common.py
 from torch import nn
 
 log = logging.getLogger("bench.train_step")
@@ -720,10 +721,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: a child job (--compute-masks / --method) or the whole benchmark."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_run(args.threads)
     if args.compute_masks:
         stats = compute_masks(args)
         torch.save({k: stats[k] for k in ("masks", "k")}, args.compute_masks)

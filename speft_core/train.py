@@ -155,7 +155,7 @@ class _Trainer:
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> tuple[int, int, dict[str, float]]:
         """Select the mask and train; returns the steps, mask updates and last evaluation."""
-        hyper, callbacks = self.hyper, self.callbacks
+        callbacks = self.callbacks
         targets = find_target_linears(self.model, self.speft.target_modules)
         started = time.perf_counter()
         scores = self._scores(targets)
@@ -167,6 +167,24 @@ class _Trainer:
                         seconds=round(time.perf_counter() - started, 3))
         layers = inject_sparse_deltas(self.model, masks)
         optimizer = self._optimizer(layers)
+        mask_updates = 0
+
+        def after_step(step: int, total: int) -> None:
+            nonlocal mask_updates
+            if self.speft.is_dynamic and step % self.speft.update_interval == 0 and step < total:
+                grown = self._update_mask(layers, optimizer)
+                mask_updates += 1
+                self.callbacks.event("mask updated", step=step, grown=grown)
+
+        step, metrics = self.optimize(optimizer, after_step)
+        return step, mask_updates, metrics
+
+    def optimize(self, optimizer: torch.optim.Optimizer,
+                 after_step: Callable[[int, int], None] | None = None
+                 ) -> tuple[int, dict[str, float]]:
+        """The loop every method shares: epochs of (accumulated) steps with AdamW, linear
+        warm-up and decay, clipping, callbacks and an evaluation per epoch."""
+        hyper, callbacks = self.hyper, self.callbacks
         steps_per_epoch = math.ceil(
             math.ceil(len(self.train_features) / hyper.batch_size) / hyper.gradient_accumulation_steps
         )
@@ -174,8 +192,7 @@ class _Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _linear_schedule(total, int(round(hyper.warmup_ratio * total)))
         )
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        step = mask_updates = 0
+        step = 0
         metrics: dict[str, float] = {}
         self.model.train()
         for epoch in range(hyper.n_epochs):
@@ -188,6 +205,7 @@ class _Trainer:
                     loss.backward()
                     loss_sum += loss.item()
                 del loss  # free the graph: a mask update may resize the values it points to
+                trainable = [p for g in optimizer.param_groups for p in g["params"]]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     trainable, hyper.max_grad_norm if hyper.max_grad_norm > 0 else float("inf")))
                 lr = scheduler.get_last_lr()[0]
@@ -197,14 +215,13 @@ class _Trainer:
                 step += 1
                 if callbacks.on_step is not None:
                     callbacks.on_step(StepReport(step, total, epoch, loss_sum, lr, grad_norm))
-                if self.speft.is_dynamic and step % self.speft.update_interval == 0 and step < total:
-                    grown = self._update_mask(layers, optimizer)
-                    mask_updates += 1
-                    callbacks.event("mask updated", step=step, grown=grown)
+                if after_step is not None:
+                    after_step(step, total)
             metrics = self._eval()
             if metrics and callbacks.on_eval is not None:
                 callbacks.on_eval(step, {**metrics, "epoch": epoch})
-        return step, mask_updates, metrics
+        self.model.eval()
+        return step, metrics
 
     def _accumulation_groups(self, epoch: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         group: list[dict[str, torch.Tensor]] = []
@@ -299,6 +316,35 @@ def train_sparse(
                        trainable_params=nnz + sum(e.numel() for e in extras.values()),
                        steps=steps, mask_updates=mask_updates,
                        seconds=time.perf_counter() - started)
+
+
+def train_parameters(
+    model: nn.Module,
+    param_groups: Sequence[dict[str, Any]],
+    *,
+    task: str,
+    hyper: TrainConfig,
+    train_features: Sequence[Mapping[str, Any]],
+    eval_features: Sequence[Mapping[str, Any]] | None = None,
+    pad_token_id: int,
+    callbacks: TrainCallbacks | None = None,
+    device: torch.device | None = None,
+) -> tuple[int, dict[str, float]]:
+    """Train the given parameters with SPEFT's own loop (baselines: full fine-tuning, LoRA).
+
+    `param_groups` are AdamW groups (`params`, optional `lr`, `weight_decay`); the model is
+    moved to `device` first, and only those parameters change. Returns (steps, last eval).
+    """
+    device = device or default_device()
+    torch.manual_seed(hyper.seed)
+    model.to(device)
+    trainer = _Trainer(model, task=task, speft=SpeftConfig(), hyper=hyper,
+                       train_features=train_features, eval_features=eval_features,
+                       pad_token_id=pad_token_id, callbacks=callbacks or TrainCallbacks(),
+                       device=device)
+    groups = [{"weight_decay": hyper.weight_decay, "lr": hyper.learning_rate, **group}
+              for group in param_groups]
+    return trainer.optimize(torch.optim.AdamW(groups, lr=hyper.learning_rate))
 
 
 def fine_tune(

@@ -7,9 +7,10 @@ sum_t grad_out[t, row] * x[t, col]: the gradient of the masked entries only, nev
   where no compiler is available, `torch.sparse.sampled_addmm` on transposed operands.
 - CUDA: `torch.sparse.sampled_addmm` (cuSPARSE SDDMM) over the pattern's CSR layout.
 
-`segment_sparse_add(x, y, segments)` adds, for each segment of token rows, its own adapter's
-x·Δᵀ into y (the mixed batch of serving): one C++ call per module on the CPU
-(`segment_add_cpu.cpp`), a gather / multiply / index_add per segment elsewhere.
+`segment_sparse_add(x, y, plan)` adds, for each segment of batch rows, its own adapter's x·Δᵀ
+into y (the mixed batch of serving): one C++ call per module on the CPU
+(`segment_add_cpu.cpp`); on CUDA one gather and one accumulating index_put over every
+(row, entry) pair of the batch; else a gather / multiply / index_add per segment.
 """
 from __future__ import annotations
 
@@ -185,6 +186,11 @@ class SegmentPlan:
     cols: torch.Tensor
     values: torch.Tensor
     segments: tuple[tuple[int, int, RowEntries | None], ...]  # for the per-segment fallback
+    # Off the CPU: every (batch row, entry) pair of the batch, for one fused gather/index_put
+    pair_rows: torch.Tensor | None = None
+    pair_cols: torch.Tensor | None = None
+    pair_outs: torch.Tensor | None = None
+    pair_values: torch.Tensor | None = None
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, RowEntries | None]]) -> SegmentPlan:
@@ -204,13 +210,14 @@ class SegmentPlan:
             offset += entries.cols.numel()
         bounds = [segments[0][0]] + [stop for _, stop, _ in segments]
         counts = [0] + [e.used_rows.numel() if e is not None else 0 for _, _, e in segments]
+        pairs = pair_layout(segments) if torch.device(device).type != "cpu" else {}
         return cls(
             segment_rows=torch.tensor(bounds, dtype=torch.int64),
             segment_used=torch.tensor(counts, dtype=torch.int64).cumsum(0),
             used_rows=torch.cat(used) if used else empty, row_ptr=torch.cat(ptrs),
             cols=torch.cat(cols) if cols else empty,
             values=torch.cat(values) if values else empty.float(),
-            segments=tuple(segments),
+            segments=tuple(segments), **pairs,
         )
 
 
@@ -227,6 +234,14 @@ def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, plan: SegmentPlan) -> N
             ext.segment_sparse_add(x, y, plan.segment_rows, plan.segment_used, plan.used_rows,
                                    plan.row_ptr, plan.cols, plan.values)
             return
+    if plan.pair_rows is not None and x.dim() >= 2:
+        # (batch, tokens, features) viewed as (batch, features, tokens): each pair moves a
+        # vector over the row's tokens; one gather and one accumulate for every segment
+        xt = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+        yt = y.view(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
+        products = xt[plan.pair_rows, plan.pair_cols] * plan.pair_values.unsqueeze(-1)
+        yt.index_put_((plan.pair_rows, plan.pair_outs), products.to(y.dtype), accumulate=True)
+        return
     tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
     for start, stop, entries in plan.segments:
@@ -234,3 +249,21 @@ def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, plan: SegmentPlan) -> N
             rows = slice(start * tokens_per_row, stop * tokens_per_row)
             product = x2[rows].index_select(-1, entries.cols) * entries.values
             y2[rows].index_add_(-1, entries.rows, product)
+
+
+def pair_layout(segments: list[tuple[int, int, RowEntries | None]]) -> dict[str, torch.Tensor]:
+    """Every (batch row, entry) pair of the segments: SegmentPlan's fused path off the CPU."""
+    rows, cols, outs, values = [], [], [], []
+    for start, stop, entries in segments:
+        if entries is None or stop <= start:
+            continue
+        count, k = stop - start, entries.cols.numel()
+        batch_rows = torch.arange(start, stop, device=entries.cols.device)
+        rows.append(batch_rows.repeat_interleave(k))
+        cols.append(entries.cols.repeat(count))
+        outs.append(entries.rows.repeat(count))
+        values.append(entries.values.repeat(count))
+    if not rows:
+        return {}
+    return {"pair_rows": torch.cat(rows), "pair_cols": torch.cat(cols),
+            "pair_outs": torch.cat(outs), "pair_values": torch.cat(values)}

@@ -1,10 +1,18 @@
 """The mixed-batch kernel: each segment of batch rows gets exactly its own adapter's x·Δᵀ."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from speft_core.kernels import RowEntries, SegmentPlan, load_cpu_extension, segment_sparse_add
+from speft_core.kernels import (
+    RowEntries,
+    SegmentPlan,
+    load_cpu_extension,
+    pair_layout,
+    segment_sparse_add,
+)
 
 
 def _entries(n_out: int, n_in: int, k: int, seed: int, dtype: torch.dtype) -> RowEntries:
@@ -42,8 +50,8 @@ def test_each_segment_gets_its_own_delta(dtype, rows_per_segment, tokens):
     torch.testing.assert_close(y, expected, atol=tolerance, rtol=tolerance)
 
 
-def test_cpu_kernel_and_fallback_agree():
-    """The C++ kernel and the per-segment gather / index_add fallback give the same sums."""
+def test_cpu_kernel_fallback_and_pair_layout_agree():
+    """The C++ kernel, the per-segment fallback and the fused pair layout give the same sums."""
     assert load_cpu_extension() is not None
     n_out, n_in = 64, 32
     segments = [(0, 3, _entries(n_out, n_in, 200, 1, torch.float32)), (3, 4, None),
@@ -56,3 +64,6 @@ def test_cpu_kernel_and_fallback_agree():
     segment_sparse_add(x.transpose(0, 1).contiguous().transpose(0, 1), fallback_out, plan)  # not contiguous: fallback
     torch.testing.assert_close(kernel_out, fallback_out, atol=1e-5, rtol=1e-5)
     assert kernel_out.abs().sum() > 0
+    fused_out = torch.zeros(9, 20, n_out)  # the (row, entry) pair layout CUDA uses
+    segment_sparse_add(x, fused_out, dataclasses.replace(plan, **pair_layout(segments)))
+    torch.testing.assert_close(kernel_out, fused_out, atol=1e-5, rtol=1e-5)

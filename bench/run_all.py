@@ -1,0 +1,159 @@
+"""Every benchmark in one command: JSON results and PNG plots under bench/results/.
+
+    .venv/bin/python bench/run_all.py                # train_step, serve, quality (~90 min), plots
+    .venv/bin/python bench/run_all.py --quick        # each benchmark's --quick mode, plots
+    .venv/bin/python bench/run_all.py --plots-only   # redraw the plots from the JSON present
+
+Plots (matplotlib, no display needed):
+  quality_accuracy_vs_params.png  test accuracy (mean ± std over seeds) vs trainable parameters
+  train_step_time.png             step time per method (CPU, and CUDA where its JSON exists)
+  serve_throughput.png            rows/s vs distinct adapters in the request mix, per model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+SCRIPTS = ("train_step.py", "serve.py", "quality.py")
+FAMILY_COLOURS = {"full": "tab:red", "lora": "tab:blue", "speft": "tab:green"}
+
+
+def run_benchmarks(quick: bool, results: Path) -> None:
+    """Run each benchmark script in its own process (each writes its JSON)."""
+    for script in SCRIPTS:
+        command = [sys.executable, str(BENCH / script),
+                   "--out", str(results / script.replace(".py", ".json"))]
+        if quick:
+            command.append("--quick")
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_quality(report: dict[str, Any], out: Path) -> None:
+    """Test accuracy vs trainable parameters (log scale), one labelled point per method."""
+    import matplotlib.pyplot as plt
+
+    summary = report["classification"]["summary"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row in summary:
+        ax.errorbar(row["trainable_params"], 100 * row["test_eval_accuracy"],
+                    yerr=100 * row.get("test_eval_accuracy_std", 0.0), fmt="o", capsize=3,
+                    color=FAMILY_COLOURS.get(row["family"], "black"))
+        ax.annotate(row["method"].removeprefix("speft-"),
+                    (row["trainable_params"], 100 * row["test_eval_accuracy"]),
+                    textcoords="offset points", xytext=(5, 3), fontsize=7)
+    for family, colour in FAMILY_COLOURS.items():
+        ax.scatter([], [], color=colour, label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    data = report["classification"]
+    ax.set_title(f"{data['model']} on SST-2 ({data['train_examples']} training examples)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_train_step(reports: dict[str, dict[str, Any]], out: Path) -> None:
+    """Step time per method, one group of bars per device."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4.5), squeeze=False)
+    for ax, (device, report) in zip(axes[0], reports.items(), strict=True):
+        names = list(report["results"])
+        times = [report["results"][n]["step_ms"] for n in names]
+        colours = ["tab:green" if n == "speft" else "tab:gray" for n in names]
+        ax.barh(names, times, color=colours)
+        for i, value in enumerate(times):
+            ax.text(value, i, f" {value:.0f}", va="center", fontsize=8)
+        ax.set_xlabel("ms per training step (forward + backward + AdamW)")
+        ax.set_title(f"MiniLM-L6, batch 32 × 64 tokens, {device}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_serving(reports: dict[str, dict[str, Any]], out: Path) -> None:
+    """Rows/s vs distinct adapters in the request mix (auto path), base-only as a line."""
+    import matplotlib.pyplot as plt
+
+    models = sorted({name for report in reports.values() for name in report["models"]})
+    fig, axes = plt.subplots(len(reports), len(models), figsize=(5 * len(models),
+                                                                  3.8 * len(reports)),
+                             squeeze=False)
+    panels = [(axes[i][j], device, name, report["models"][name])
+              for i, (device, report) in enumerate(reports.items())
+              for j, name in enumerate(models) if name in report["models"]]
+    for ax, device, name, model in panels:
+        rows = model["throughput"]
+        base = next(v for k, v in rows.items() if k.startswith("base-only"))
+        mixes = sorted((v["adapters"], v["rows_per_s"]) for k, v in rows.items()
+                       if k.endswith("auto"))
+        ax.plot([m for m, _ in mixes], [r for _, r in mixes], "o-", color="tab:green",
+                label="mixed adapters (auto path)")
+        ax.axhline(base["rows_per_s"], color="tab:gray", linestyle="--", label="base-only")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([m for m, _ in mixes], [str(m) for m, _ in mixes])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("distinct adapters in the request mix")
+        ax.set_ylabel("rows / s")
+        ax.set_title(f"{name}, {device}", fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def draw_plots(results: Path) -> list[Path]:
+    """Every plot whose JSON is present; the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    written = []
+    quality = _load(results / "quality.json")
+    if quality and "classification" in quality:
+        plot_quality(quality, results / "quality_accuracy_vs_params.png")
+        written.append(results / "quality_accuracy_vs_params.png")
+    steps = {device: r for device, r in (("CPU", _load(results / "train_step.json")),
+                                         ("CUDA", _load(results / "train_step_cuda.json"))) if r}
+    if steps:
+        plot_train_step(steps, results / "train_step_time.png")
+        written.append(results / "train_step_time.png")
+    serving = {device: r for device, r in (("CPU", _load(results / "serve.json")),
+                                           ("CUDA", _load(results / "serve_cuda.json"))) if r}
+    if serving:
+        plot_serving(serving, results / "serve_throughput.png")
+        written.append(results / "serve_throughput.png")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmarks (unless --plots-only), then draw the plots."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="each benchmark's quick mode")
+    parser.add_argument("--plots-only", action="store_true", help="only redraw the plots")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    if not args.plots_only:
+        run_benchmarks(args.quick, args.results)
+    for path in draw_plots(args.results):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
