@@ -188,7 +188,7 @@ def apply_delta(model: nn.Module, delta: Delta, *, verify: bool = True) -> None:
                 flat = weight.view(-1)
                 original = flat.index_select(0, indices)
                 state.entries[name] = (indices, original)
-                flat.index_put_((indices,), _added(original, values, weight.dtype))
+                flat.index_put_((indices,), added_entries(original, values, weight.dtype))
             for name, (target, value) in extras.items():
                 state.extras[name] = target.detach().clone()
                 target.copy_(value)
@@ -433,8 +433,9 @@ def _named_tensor(model: nn.Module, name: str) -> torch.Tensor:
 # --- tensor updates -----------------------------------------------------------------------------
 
 
-def _added(original: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """original + values in their promoted dtype, rounded once to `dtype`."""
+def added_entries(original: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """original + values in their promoted dtype, rounded once to `dtype` (the one update rule:
+    apply_delta and the serving swap both use it, so a swap equals the merge bit for bit)."""
     common = torch.promote_types(original.dtype, values.dtype)
     return (original.to(common) + values.to(common)).to(dtype)
 

@@ -195,8 +195,14 @@ class SegmentPlan:
     @classmethod
     def build(cls, segments: list[tuple[int, int, RowEntries | None]]) -> SegmentPlan:
         """Plan contiguous segments (start, stop, entries or None) covering rows from 0."""
-        device = next((e.cols.device for _, _, e in segments if e is not None), "cpu")
+        device = torch.device(next((e.cols.device for _, _, e in segments if e is not None),
+                                   "cpu"))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
+        if device.type != "cpu":  # the CSR layout feeds the CPU kernel only
+            no_rows = torch.zeros(1, dtype=torch.int64)
+            return cls(segment_rows=no_rows, segment_used=no_rows, used_rows=empty,
+                       row_ptr=empty, cols=empty, values=empty.float(),
+                       segments=tuple(segments), **pair_layout(segments))
         used, ptrs, cols, values = [], [], [], []
         offset = 0
         for _, _, entries in segments:
@@ -210,14 +216,13 @@ class SegmentPlan:
             offset += entries.cols.numel()
         bounds = [segments[0][0]] + [stop for _, stop, _ in segments]
         counts = [0] + [e.used_rows.numel() if e is not None else 0 for _, _, e in segments]
-        pairs = pair_layout(segments) if torch.device(device).type != "cpu" else {}
         return cls(
             segment_rows=torch.tensor(bounds, dtype=torch.int64),
             segment_used=torch.tensor(counts, dtype=torch.int64).cumsum(0),
             used_rows=torch.cat(used) if used else empty, row_ptr=torch.cat(ptrs),
             cols=torch.cat(cols) if cols else empty,
             values=torch.cat(values) if values else empty.float(),
-            segments=tuple(segments), **pairs,
+            segments=tuple(segments),
         )
 
 

@@ -120,32 +120,21 @@ def _build(
 def _module_entries(
     positions: torch.Tensor, values: torch.Tensor, packed: PackedWeights
 ) -> dict[str, RowEntries]:
-    """Split sorted global positions back into each module's (rows, cols, values)."""
+    """Split sorted global positions back into each module's (rows, cols, values); modules
+    sharing one weight (tied) get the entries once, under the first name."""
     entries: dict[str, RowEntries] = {}
+    split: set[int] = set()  # offsets already split
     for name, slot in packed.slots.items():
         size = slot.shape[0] * slot.shape[1]
         lo = int(torch.searchsorted(positions, slot.offset))
         hi = int(torch.searchsorted(positions, slot.offset + size))
-        if lo == hi or name in entries:
+        if lo == hi or slot.offset in split:
             continue
+        split.add(slot.offset)
         local = positions[lo:hi] - slot.offset
         entries[name] = RowEntries.from_rows(local // slot.in_features, local % slot.in_features,
                                              values[lo:hi])
-    return _drop_tied_duplicates(entries, packed)
-
-
-def _drop_tied_duplicates(
-    entries: dict[str, RowEntries], packed: PackedWeights
-) -> dict[str, RowEntries]:
-    """Modules sharing one weight (tied) must add the delta once: keep the first name only."""
-    seen: set[int] = set()
-    kept: dict[str, RowEntries] = {}
-    for name, value in entries.items():
-        offset = packed.slots[name].offset
-        if offset not in seen:
-            seen.add(offset)
-            kept[name] = value
-    return kept
+    return entries
 
 
 def _head_tensors(
