@@ -1,12 +1,15 @@
-"""The `speft` command line: `train` (local, from speft_core), `serve`, `worker`, `run` and the
-REST client sub-commands `files`, `jobs` and `adapters` (DESIGN.md §2)."""
+"""The `speft` command line: `train` (local, from speft_core), `serve`, `worker`, `run`, the
+REST client sub-commands `files`, `jobs` and `adapters` (DESIGN.md §2), and the server-side
+administration of `models` and `keys` (these write the database directly)."""
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +23,8 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from api.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, ApiClientError, SpeftClient
 from api.core.config import Settings
@@ -37,6 +42,9 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
 models_app = typer.Typer(help="Base models (server-side administration).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(help="API keys and tenants (server-side administration).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -45,6 +53,7 @@ TERMINAL_EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
 POLL_INTERVAL_S = 1.0
 SHUTDOWN_GRACE_S = 10.0
 WIDE_TABLE_COLUMNS = 120
+ID_COLUMN_WIDTH = 28  # `key-` and 24 hex digits
 
 BaseUrlOpt = Annotated[str, typer.Option("--base-url", envvar=BASE_URL_ENV,
                                          help="the speft API", show_default=DEFAULT_BASE_URL)]
@@ -86,13 +95,14 @@ def serve(
     settings = load_settings()
     host = host or settings.host
     port = port or settings.port
-    if settings.open_mode:
+    if serves_open(settings):
         if not is_loopback(host):
             console.print(f"[red]error (--host):[/red] open mode binds to 127.0.0.1 only; "
-                          f"set SPEFT_API_KEYS to listen on {host}")
+                          f"set SPEFT_API_KEYS or create a key (speft keys create) to listen "
+                          f"on {host}")
             raise typer.Exit(code=2)
-        console.print("[yellow]open mode:[/yellow] no SPEFT_API_KEYS set; single tenant, "
-                      "no authentication, loopback only")
+        console.print("[yellow]open mode:[/yellow] no SPEFT_API_KEYS set and no API key in the "
+                      "database; single tenant, no authentication, loopback only")
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
                 access_log=access_log)
 
@@ -140,9 +150,13 @@ def worker(
     queues = queues or ",".join(settings.queue_for(kind) for kind in kinds)
     from worker.celery_app import app as celery_app
 
+    # Every worker also consumes the control queue and embeds a beat that schedules the
+    # reconciler there (sweeps are idempotent, so one per worker is harmless).
+    queues = f"{queues},{settings.control_queue}"
+    schedule = Path(tempfile.gettempdir()) / f"speft-beat-{os.getpid()}"
     celery_app.worker_main(["worker", f"--queues={queues}",
                             f"--concurrency={concurrency}", f"--pool={pool}",
-                            f"--loglevel={loglevel}"])
+                            f"--loglevel={loglevel}", "--beat", f"--schedule={schedule}"])
 
 
 def _stop(processes: list[subprocess.Popen[bytes]], sig: int) -> None:
@@ -398,8 +412,45 @@ def adapters_download(
     typer.echo(json.dumps({"id": adapter_id, "out": str(out_path), "bytes": written}))
 
 
-if __name__ == "__main__":
-    app()
+# -- server administration (writes the database directly) ---------------------------------------
+@contextmanager
+def database_session(settings: Settings) -> Iterator[Session]:
+    """A session on SPEFT_DATABASE_URL, migrated to head first (so a fresh database works);
+    committed when the block succeeds. An unreachable database exits with code 1."""
+    from api.core.db import make_engine, session_factory, upgrade_database
+
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade_database(settings.database_url)
+        with session_factory(engine).begin() as session:
+            yield session
+    except OperationalError as err:
+        console.print(f"[red]database error:[/red] {err.orig or err}", highlight=False)
+        raise typer.Exit(code=1) from err
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def admin_errors() -> Iterator[None]:
+    """A refused administration request printed in red, naming its parameter; exit code 2."""
+    from api.errors import ApiError
+
+    try:
+        yield
+    except ApiError as err:
+        console.print(f"[red]error ({err.param}):[/red] {err.message}", highlight=False)
+        raise typer.Exit(code=2) from err
+
+
+def serves_open(settings: Settings) -> bool:
+    """Whether the API would start in open mode: no SPEFT_API_KEYS and no unrevoked stored key."""
+    if not settings.open_mode:
+        return False
+    from api.services.tenants import is_open_mode
+
+    with database_session(settings) as session:
+        return is_open_mode(session, settings=settings)
 
 
 @models_app.command("register")
@@ -412,18 +463,15 @@ def models_register(
     task: Annotated[str, typer.Option(help="classification or causal_lm")] = "classification",
 ) -> None:
     """Register a server-side model folder or a stored model archive (writes the database)."""
-    from api.core.db import make_engine, session_factory, upgrade_database
     from api.core.storage import StorageError, open_storage
-    from api.errors import ApiError, InvalidRequest
+    from api.errors import InvalidRequest
     from api.services.models import register_local_model, register_stored_model
 
     settings = load_settings()
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
     try:
-        if (path is None) == (storage_key is None):
-            raise InvalidRequest("give exactly one of --path and --storage-key", param="path")
-        with session_factory(engine)() as session, session.begin():
+        with admin_errors(), database_session(settings) as session:
+            if (path is None) == (storage_key is None):
+                raise InvalidRequest("give exactly one of --path and --storage-key", param="path")
             if storage_key is not None:
                 storage = open_storage(settings.storage_url,
                                        s3_endpoint_url=settings.s3_endpoint_url)
@@ -436,11 +484,70 @@ def models_register(
             typer.echo(json.dumps({"id": row.id, "object": "model", "task": row.task,
                                    "params": row.params, "path": row.local_path,
                                    "storage_key": row.storage_key, "sha256": row.sha256}))
-    except ApiError as err:
-        console.print(f"[red]error ({err.param}):[/red] {err.message}")
-        raise typer.Exit(code=2) from err
     except StorageError as err:
         console.print(f"[red]storage error:[/red] {err.message}")
         raise typer.Exit(code=1) from err
-    finally:
-        engine.dispose()
+
+
+def _timestamp(value: datetime | None) -> str:
+    """A stored time as a short UTC string ('' for none)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if value is not None else ""
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant the key acts as (created if missing)")],
+) -> None:
+    """Make a new API key for a tenant; the key is printed this once (only its hash is stored)."""
+    from api.services.tenants import create_api_key, has_active_keys
+
+    settings = load_settings()
+    with admin_errors(), database_session(settings) as session:
+        first = settings.open_mode and not has_active_keys(session)
+        row, key = create_api_key(session, tenant_name=tenant)
+    console.print(f"created {row.id} (prefix {row.prefix}) for tenant {tenant}; the key is "
+                  "shown only now: store it", highlight=False)
+    if first:
+        console.print("[yellow]first API key:[/yellow] an API already running in open mode "
+                      "stays open until restarted", highlight=False)
+    out.print(key, highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    id_or_prefix: Annotated[str, typer.Argument(metavar="ID_OR_PREFIX",
+                                                help="a key's id or display prefix")],
+) -> None:
+    """Revoke an API key: from the next request on, it is refused (401)."""
+    from api.services.tenants import revoke_api_key
+
+    with admin_errors(), database_session(load_settings()) as session:
+        row = revoke_api_key(session, id_or_prefix=id_or_prefix)
+    console.print(f"revoked {row.id} (prefix {row.prefix}) at {_timestamp(row.revoked_at)} UTC",
+                  highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+) -> None:
+    """List stored API keys (ids and prefixes, never the keys), oldest first; times in UTC."""
+    from api.core.models import API_KEY_PREFIX_LENGTH
+    from api.services.tenants import list_api_keys
+
+    with database_session(load_settings()) as session:
+        keys = list_api_keys(session, tenant_name=tenant)
+    table = Table(title=f"{len(keys)} key(s)", box=box.SIMPLE_HEAD)
+    # Id and prefix stay whole (they are what `speft keys revoke` takes); the rest may wrap.
+    table.add_column("id", no_wrap=True, min_width=ID_COLUMN_WIDTH)
+    table.add_column("prefix", no_wrap=True, min_width=API_KEY_PREFIX_LENGTH)
+    for name in ("tenant", "created", "revoked"):
+        table.add_column(name)
+    for row, tenant_name in keys:
+        table.add_row(row.id, row.prefix, tenant_name, _timestamp(row.created_at),
+                      _timestamp(row.revoked_at))
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -13,8 +13,10 @@ from api.core.models import Tenant
 from api.core.storage import Storage
 from api.errors import Unauthorized
 from api.services import tenants
+from api.services.quotas import TenantRateLimiter
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from SPEFT_API_KEYS")
+_bearer = HTTPBearer(auto_error=False,
+                     description="An API key (`speft keys create`, or SPEFT_API_KEYS)")
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -44,16 +46,17 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_tenant(
+def authenticate_tenant(
     request: Request,
-    settings: SettingsDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The calling tenant: the API key's owner, or the default tenant in open mode; else 401."""
-    if settings.open_mode:
-        cached = getattr(request.app.state, "open_tenant", None)  # set at start-up
-        return cached or tenants.get_or_create_tenant(session, name=settings.default_tenant)
+    """The calling tenant: the API key's owner, or the default tenant in open mode; else 401.
+
+    Open mode is decided once at start-up (`app.state.open_mode`); before that, keys are required.
+    """
+    if request.app.state.open_mode:
+        return request.app.state.open_tenant
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -63,4 +66,14 @@ def get_tenant(
     return tenant
 
 
+def get_tenant(request: Request,
+               tenant: Annotated[Tenant, Depends(authenticate_tenant)]) -> Tenant:
+    """The authenticated tenant, this request counted against its rate limit (429 beyond it)."""
+    limiter: TenantRateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        limiter.check(tenant.id)
+    return tenant
+
+
+# Every authenticated route takes the tenant through this alias: one place for keys and limits.
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -1,19 +1,28 @@
 """One exception hierarchy, one error shape: `{"error": {"code", "message", "param", "type"}}`.
 
 Services raise `ApiError` subclasses (or core `SpeftError`s); `install_error_handlers` renders
-every one of them, and FastAPI's own validation errors, in the same shape.
+every one of them, FastAPI's own validation errors, and a database or storage that cannot be
+reached (503 naming `database` or `storage`), in the same shape. `error_responses` documents
+that shape in the OpenAPI schema for the statuses a route can answer.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.core.storage import StorageError, StorageUnavailable
 from speft_core.errors import SpeftError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -79,16 +88,81 @@ def error_body(code: str, message: str, *, param: str | None = None,
     return {"error": {"code": code, "message": message, "param": param, "type": error_type}}
 
 
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable `code`, a readable `message`, the field or dependency named
+    by `param`, and the error family `type`."""
+
+    code: str
+    message: str
+    param: str | None = None
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "A value is not acceptable (unknown model or file, bad dataset, wrong task)",
+    401: "Missing or unknown API key",
+    404: "No such object for this tenant",
+    409: "Conflicts with the object's state or an earlier Idempotency-Key",
+    413: "The upload is larger than SPEFT_MAX_UPLOAD_BYTES",
+    422: "The request does not match the schema, or a stored adapter cannot be served",
+    429: "Too many requests; Retry-After says when to come back",
+    503: "The database or storage cannot be reached; nothing was written",
+}
+# What any authenticated /v1 route can answer besides its own errors (400: also a value the
+# database cannot store, such as a NUL character on Postgres).
+COMMON_ERRORS = (400, 401, 422, 429, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape for `statuses`."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+            for status in statuses}
+
+
+def _unavailable(dependency: str, reason: str) -> JSONResponse:
+    """503 naming the dependency that cannot be reached."""
+    return JSONResponse(
+        error_body(ServiceUnavailable.code, f"{dependency} unavailable: {reason}",
+                   param=dependency, error_type=ServiceUnavailable.error_type),
+        status_code=ServiceUnavailable.status_code)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error means the database cannot be reached (not a bug of ours):
+    a refused or dropped connection, an operational failure, or no pooled connection in time."""
+    return (isinstance(exc, (OperationalError, PoolTimeoutError))
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated))
+
+
 _LOCATION_ROOTS = ("body", "query", "path", "header")
-# pydantic names the branch of a union field it tried (`input.str`, `adapter.list[...]`): not a field
+# pydantic names the branch of a union field it tried (`input.str`, `adapter.list[...]`,
+# `stop.constrained-str`): not a field
 _UNION_BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "bytes"})
+_CONSTRAINED_BRANCH = "constrained-"
 
 
 def _validation_param(location: tuple[Any, ...]) -> str | None:
     """`("body", "method", "speft", "density")` -> "method.speft.density" (union branches dropped)."""
     parts = [str(p) for p in location if p not in _LOCATION_ROOTS]
-    parts = [p for p in parts if "[" not in p and p not in _UNION_BRANCH_NAMES]
+    parts = [p for p in parts if "[" not in p and p not in _UNION_BRANCH_NAMES
+             and not p.startswith(_CONSTRAINED_BRANCH)]
     return ".".join(parts) or None
+
+
+def _allowed_methods(request: Request) -> str:
+    """`Allow` for a 405: the methods of every route on this path (Starlette names only the
+    first route's, and FastAPI makes one route per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -107,9 +181,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
         if isinstance(exc, StorageUnavailable):  # nothing was written: retry later
-            return JSONResponse(
-                error_body(ServiceUnavailable.code, f"storage unavailable: {exc.message}",
-                           error_type=ServiceUnavailable.error_type), status_code=503)
+            return _unavailable("storage", exc.message)
         # A stored object missing or corrupt behind a live row is our fault, said plainly.
         return JSONResponse(error_body("storage_error", f"stored object unreadable: {exc.message}",
                                        error_type="api_error"), status_code=500)
@@ -129,6 +201,32 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", message, param=param), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=headers)
+
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DataError):  # a value the database cannot hold (Postgres: a NUL)
+            reason = "; ".join(line.strip() for line in
+                               str(getattr(exc, "orig", None) or exc).splitlines()[:2])
+            return JSONResponse(error_body(InvalidRequest.code,
+                                           f"a value cannot be stored: {reason}"),
+                                status_code=InvalidRequest.status_code)
+        if not is_database_unavailable(exc):
+            raise exc  # a bug, not an outage: the server error handler answers 500
+        log.warning("speft.database unavailable path=%s error=%s: %s", request.url.path,
+                    type(exc).__name__, exc)
+        cause = type(getattr(exc, "orig", None) or exc).__name__
+        return _unavailable("database", f"{cause}; retry later")
+
+    for database_error in (DBAPIError, PoolTimeoutError):
+        app.add_exception_handler(database_error, _database_error)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("internal_error", "internal server error",
+                                       error_type="api_error"), status_code=500)

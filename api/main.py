@@ -19,6 +19,7 @@ from api.routes import inference as inference_routes
 from api.services import inference, tenants
 from api.services.job_requests import CeleryEnqueuer
 from api.services.models import register_builtin_models
+from api.services.quotas import TenantRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,17 @@ def open_app_storage(settings: Settings) -> Storage:
 
 
 def _prepare_database(app: FastAPI) -> None:
-    """Migrate to head, sync configured API keys and register the built-in base models."""
+    """Migrate to head, sync configured API keys, decide open mode (no key in the environment
+    or the database) and register the built-in base models."""
     settings: Settings = app.state.settings
     upgrade_database(settings.database_url)
     with app.state.sessions.begin() as session:
         tenants.sync_configured_keys(session, settings=settings)
         register_builtin_models(session)
-        if settings.open_mode:  # one tenant for every request: resolved once, not per request
+        app.state.open_mode = tenants.is_open_mode(session, settings=settings)
+        if app.state.open_mode:  # one tenant for every request: resolved once, not per request
+            log.info("open mode: no API key configured or stored; single tenant, "
+                        "no authentication")
             app.state.open_tenant = tenants.get_or_create_tenant(
                 session, name=settings.default_tenant)
 
@@ -77,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="speft", version="1", lifespan=lifespan)
     app.state.settings = settings
+    app.state.open_mode = False  # decided at start-up; until then every request needs a key
+    app.state.rate_limiter = TenantRateLimiter.from_settings(settings)
     app.state.engine = engine_for(settings)
     app.state.sessions = session_factory(app.state.engine)
     # enqueue_job(job_id): called after the job row is committed; tests replace it.

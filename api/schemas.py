@@ -6,12 +6,25 @@ validates their types and runs their checks, and the error handler names the fai
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from api.core.config import Device
-from speft_core.config import JobSpec, SpeftConfig, TrainConfig
+from api.errors import ErrorDetail, InvalidRequest
+from speft_core.config import (
+    MASK_KINDS,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LENGTH,
+    MAX_SCORING_EXAMPLES,
+    SCOPES,
+    JobSpec,
+    SpeftConfig,
+    TrainConfig,
+)
+from speft_core.salience import METRICS
 
 TaskName = Literal["classification", "causal_lm"]  # = speft_core.config.TASKS (tested)
 
@@ -21,6 +34,62 @@ MAX_METADATA_KEYS = 16
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# -- the core's settings, documented with the bounds their own checks enforce ----------------
+def _ints(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _numbers(low: float, high: float, *, low_open: bool = False) -> dict[str, Any]:
+    return {"type": "number", "exclusiveMinimum" if low_open else "minimum": low, "maximum": high}
+
+
+def _documented(config: type, bounds: dict[str, dict[str, Any]],
+                extra: dict[str, Any] | None = None) -> Any:
+    """`config` (a core dataclass, validated by its own checks) with a JSON schema that also
+    states those checks' bounds and each field's help text: the OpenAPI contract is exact, so a
+    request the schema allows is never refused as invalid (tests/api/test_fuzz.py holds both to
+    that)."""
+    schema = TypeAdapter(config).json_schema()
+    for item in dataclasses.fields(config):
+        field_schema = schema["properties"][item.name]
+        if "help" in item.metadata:
+            field_schema["description"] = item.metadata["help"]
+        if item.name in bounds:
+            field_schema.pop("anyOf", None)
+            field_schema.pop("type", None)
+            field_schema.update(bounds[item.name])
+    return Annotated[config, WithJsonSchema({**schema, **(extra or {})})]
+
+
+_LEARNING_RATE = _numbers(0.0, 10.0, low_open=True)
+SpeftSettings = _documented(SpeftConfig, {
+    "metric": {"type": "string", "enum": sorted(METRICS)},
+    "density": {"anyOf": [_numbers(0.0, 1.0, low_open=True), {"type": "integer", "minimum": 2}]},
+    "mask": {"type": "string", "enum": list(MASK_KINDS)},
+    "scope": {"type": "string", "enum": list(SCOPES)},
+    "target_modules": {"anyOf": [{"type": "array", "minItems": 1,
+                                  "items": {"type": "string", "minLength": 1}},
+                                 {"type": "null"}]},
+    "scoring_examples": _ints(1, MAX_SCORING_EXAMPLES),
+    "update_interval": _ints(0, 10**9),
+    "update_fraction": _numbers(0.0, 1.0, low_open=True),
+}, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
+          "then": {"properties": {"update_interval": {"minimum": 1}},
+                   "required": ["update_interval"]}})
+TrainSettings = _documented(TrainConfig, {
+    "n_epochs": _ints(1, MAX_EPOCHS),
+    "batch_size": _ints(1, MAX_BATCH_SIZE),
+    "learning_rate": _LEARNING_RATE,
+    "max_length": _ints(2, MAX_LENGTH),
+    "seed": _ints(0, 2**32 - 1),
+    "warmup_ratio": _numbers(0.0, 1.0),
+    "weight_decay": _numbers(0.0, 10.0),
+    "max_grad_norm": _numbers(0.0, 1e6),
+    "gradient_accumulation_steps": _ints(1, 1024),
+    "head_learning_rate": {"anyOf": [_LEARNING_RATE, {"type": "null"}]},
+})
 
 
 # -- files and models ------------------------------------------------------------------------
@@ -75,7 +144,7 @@ class SpeftMethod(_Strict):
     """`method`: the fine-tuning method and its settings."""
 
     type: Literal["speft"] = "speft"
-    speft: SpeftConfig = Field(default_factory=SpeftConfig)
+    speft: SpeftSettings = Field(default_factory=SpeftConfig)
 
 
 class JobCreate(_Strict):
@@ -87,7 +156,7 @@ class JobCreate(_Strict):
     task: TaskName | None = None  # None: the base model's own task
     device: Device | None = None  # where it trains (its queue); None: SPEFT_DEFAULT_DEVICE
     method: SpeftMethod = Field(default_factory=SpeftMethod)
-    hyperparameters: TrainConfig = Field(default_factory=TrainConfig)
+    hyperparameters: TrainSettings = Field(default_factory=TrainConfig)
     suffix: str | None = Field(default=None, max_length=MAX_SUFFIX_LENGTH,
                                pattern=r"^[A-Za-z0-9._-]+$")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
@@ -225,6 +294,9 @@ class AdapterDeleted(BaseModel):
 # -- inference -------------------------------------------------------------------------------
 MAX_CLASSIFICATION_INPUTS = 256
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**32 - 1  # as the training seed; larger integers lose precision in JSON clients
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 MAX_COMPOSED_ADAPTERS = 8
 
 
@@ -235,7 +307,8 @@ class AdapterWeight(_Strict):
     weight: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
 
 
-AdapterChoice = str | list[AdapterWeight] | None
+AdapterChoice = (str | Annotated[list[AdapterWeight],
+                                  Field(min_length=1, max_length=MAX_COMPOSED_ADAPTERS)] | None)
 
 
 class _InferenceRequest(_Strict):
@@ -244,36 +317,24 @@ class _InferenceRequest(_Strict):
         None, description="An adapter id, a list of {id, weight} whose deltas are summed for "
                           "this request only, or null for the base model")
 
-    @field_validator("adapter")
-    @classmethod
-    def _check_adapter(cls, value: AdapterChoice) -> AdapterChoice:
-        if isinstance(value, list) and not 1 <= len(value) <= MAX_COMPOSED_ADAPTERS:
-            raise ValueError(f"compose 1 to {MAX_COMPOSED_ADAPTERS} adapters")
-        if isinstance(value, list) and len({part.id for part in value}) != len(value):
-            raise ValueError("an adapter appears twice in the composition")
-        return value
-
     def adapter_parts(self) -> list[tuple[str, float]]:
-        """The adapter choice as (id, weight) pairs; empty for the base model."""
+        """The adapter choice as (id, weight) pairs; empty for the base model. An adapter named
+        twice is a 400 naming `adapter` (a rule no JSON schema can state)."""
         if self.adapter is None:
             return []
         if isinstance(self.adapter, str):
             return [(self.adapter, 1.0)]
+        if len({part.id for part in self.adapter}) != len(self.adapter):
+            raise InvalidRequest("an adapter appears twice in the composition", param="adapter")
         return [(part.id, part.weight) for part in self.adapter]
 
 
 class ClassificationCreate(_InferenceRequest):
     """POST /v1/classifications: texts to label with a classification adapter."""
 
-    input: str | list[str] = Field(description="A text or a list of texts (at most "
-                                               f"{MAX_CLASSIFICATION_INPUTS})")
-
-    @field_validator("input")
-    @classmethod
-    def _check_input(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not 1 <= len(value) <= MAX_CLASSIFICATION_INPUTS:
-            raise ValueError(f"give 1 to {MAX_CLASSIFICATION_INPUTS} texts")
-        return value
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CLASSIFICATION_INPUTS)
+                           ] = Field(description="A text or a list of texts (at most "
+                                                 f"{MAX_CLASSIFICATION_INPUTS})")
 
     def texts(self) -> list[str]:
         """The input as a list."""
@@ -304,17 +365,11 @@ class CompletionCreate(_InferenceRequest):
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (
+        Field(None, description=f"A stop string or up to {MAX_STOP_STRINGS}, each at most "
+                                f"{MAX_STOP_LENGTH} characters"))
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_STRINGS or any(len(s) > 256 for s in stops):
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of at most 256 characters")
-        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         """The stop strings as a tuple (empty strings dropped)."""
@@ -370,3 +425,17 @@ class LoadedAdapterList(BaseModel):
     data: list[LoadedAdapter]
     resident_bytes: int
     budget_bytes: int
+
+
+# -- health ----------------------------------------------------------------------------------
+class Readiness(BaseModel):
+    """GET /readyz: each dependency's check, "ok" (or "not configured") or why it failed."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+
+
+class ReadinessFailure(Readiness):
+    """GET /readyz when a dependency is down: the checks plus an error naming the first one."""
+
+    error: ErrorDetail

@@ -68,7 +68,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def backend_env(backend: str, folder: Path) -> Iterator[dict[str, str]]:
     """SPEFT_* settings for `backend`; a Postgres database and Redis queue are removed after."""
-    env = {"SPEFT_STORAGE_URL": f"file://{folder / 'storage'}", "SPEFT_API_KEYS": ""}
+    # Many jobs and polls from one tenant: no per-tenant rate limit or job quota.
+    env = {"SPEFT_STORAGE_URL": f"file://{folder / 'storage'}", "SPEFT_API_KEYS": "",
+           "SPEFT_RATE_LIMIT": "", "SPEFT_MAX_ACTIVE_JOBS_PER_TENANT": "0"}
     if backend == "embedded":
         yield {**env, "SPEFT_DATABASE_URL": f"sqlite:///{folder / 'speft.db'}"}
         return

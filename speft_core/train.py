@@ -20,7 +20,7 @@ from torch import nn
 from . import data as datasets
 from .config import JobSpec, SpeftConfig, TrainConfig
 from .delta import FORMAT, Delta, fingerprint
-from .errors import TrainingCancelled
+from .errors import ConfigError, DatasetFormatError, TrainingCancelled
 from .masks import MaskUpdate, drop_and_grow, select_mask
 from .models import classification_head, load_model, load_tokenizer, resolve_model
 from .salience import SalienceInputs, compute_salience
@@ -361,9 +361,16 @@ def fine_tune(
                      if spec.validation_file else None)
     tokenizer = load_tokenizer(source.path)
     labels = datasets.label_set(train_examples) if spec.task == "classification" else None
+    if labels is not None and len(labels) < 2:
+        raise DatasetFormatError(f"the training file has a single label ({labels[0]!r}); a "
+                                 "classifier needs at least two", param="training_file")
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     torch.manual_seed(hyper.seed)  # a new classification head is drawn here: same seed, same head
     model = load_model(source.path, spec.task, labels=labels)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and hyper.max_length > positions:
+        raise ConfigError(f"max_length {hyper.max_length} is beyond the {positions} positions "
+                          f"of {source.name}", param="hyperparameters.max_length")
     tokenize = lambda examples: datasets.tokenize(
         examples, tokenizer, spec.task, max_length=hyper.max_length, label2id=label2id)
     return train_sparse(

@@ -52,6 +52,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    # The reconciler (worker.tasks.reconcile), sent by the beat each worker embeds to the control
+    # queue every worker reads; a sweep nobody picked up in time expires instead of piling up.
+    app.conf.beat_schedule = {"speft-reconcile": {
+        "task": "speft.reconcile", "schedule": settings.reconcile_interval_s,
+        "options": {"queue": settings.control_queue, "expires": settings.reconcile_interval_s}}}
     if url.startswith(("redis://", "rediss://")):
         # An unacknowledged job message comes back only after this long: longer than a job.
         app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}

@@ -2,9 +2,19 @@
 
 `run_job(job_id)` takes an id, never an object; all state lives in the database (status changes go
 through `api.services.jobs`, one function per transition). A redelivered message for a job that is
-already running or finished does nothing (the claim is refused). An adapter object is uploaded
-before the success transition and deleted again when that transition loses (the job was cancelled
-or failed meanwhile), so no adapter row ever points at a missing object and no orphan stays.
+already running or finished does nothing (the claim is refused). While a job runs, a heartbeat
+thread stamps `heartbeat_at` every SPEFT_HEARTBEAT_INTERVAL_S; every write after the claim is
+leased to its attempt number, so a worker presumed dead cannot touch the job again.
+
+Adapters: one adapter id per job (`adapter_id_for`), one object key per attempt
+(`attempt_key`). The object is uploaded before the success transition and deleted again when that
+transition loses (the job was cancelled, failed or re-queued meanwhile); after a success, the
+objects of earlier, killed attempts are deleted. So a job that succeeds leaves exactly one adapter
+row and one object, and no adapter row ever points at a missing object.
+
+`reconcile()` is the periodic sweep (`api.services.reconciler`), scheduled by the Celery beat
+that every `speft worker` embeds: it re-queues or fails jobs whose worker stopped heart-beating
+and re-sends queued jobs whose message was lost.
 
 Storage and the database are built from `get_settings()` once per process (`get_storage()`,
 `api.core.db.get_engine()`); tests point them elsewhere by setting `SPEFT_*` and calling
@@ -18,31 +28,37 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import get_settings
 from api.core.db import get_session_factory
-from api.core.models import File, Job, new_id
+from api.core.models import File, Job
 from api.core.storage import Storage, open_storage
+from api.services.job_requests import CeleryEnqueuer
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
     add_event,
     claim_job,
+    current_attempt,
     finish_cancelled,
     finish_failed,
     finish_succeeded,
+    heartbeat,
     is_cancel_requested,
     record_eval,
     record_progress,
 )
 from api.services.models import model_reference
+from api.services.reconciler import ReconcilePolicy, reconcile_jobs
 from speft_core.config import JobSpec
 from speft_core.delta import delta_to_bytes
 from speft_core.errors import SpeftError, TrainingCancelled
@@ -54,9 +70,20 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
 
 
-def adapter_key(adapter_id: str) -> str:
-    """The storage key of an adapter's delta file."""
-    return f"adapters/{adapter_id}.safetensors"
+def adapter_id_for(job_id: str) -> str:
+    """The id of the adapter a job makes: the same for every attempt (`ftjob-X` → `adapter-X`)."""
+    return f"adapter-{job_id.removeprefix('ftjob-')}"
+
+
+def attempt_key(adapter_id: str, attempt: int) -> str:
+    """The storage key of the delta file uploaded by one attempt of the adapter's job."""
+    return f"adapters/{adapter_id}.attempt-{attempt}.safetensors"
+
+
+def delete_attempt_objects(storage: Storage, adapter_id: str, attempts: range) -> None:
+    """Delete the delta files of the given attempts (missing ones are fine)."""
+    for attempt in attempts:
+        storage.delete(attempt_key(adapter_id, attempt))
 
 
 @functools.cache
@@ -81,35 +108,75 @@ def run_job(job_id: str) -> None:
         if not claimed:
             log.info("speft.job not claimed (not queued) job_id=%s worker=%s", job_id, worker)
             return
-        log.info("speft.job claimed job_id=%s worker=%s", job_id, worker)
-        try:
-            with _local_spec(session, job_id) as (spec, device):
-                result = fine_tune(spec, device=device,
-                                   callbacks=_JobRecorder(session, job_id).callbacks())
-            _publish(session, job_id, spec, result)
-        except TrainingCancelled:
-            session.rollback()
-            finish_cancelled(session, job_id=job_id)
-            session.commit()
-            log.info("speft.job cancelled job_id=%s", job_id)
-        except SpeftError as err:
-            session.rollback()
-            finish_failed(session, job_id=job_id, code=USER_ERROR, message=err.message,
-                          param=err.param)
-            session.commit()
-            log.info("speft.job failed job_id=%s code=%s error=%r", job_id, USER_ERROR, err.message)
-        except DeviceUnavailable as err:
-            session.rollback()
-            finish_failed(session, job_id=job_id, code=INTERNAL_ERROR, message=str(err),
-                          param="device")
-            session.commit()
-            log.error("speft.job misrouted job_id=%s worker=%s: %s", job_id, worker, err)
-        except Exception as err:
-            log.exception("speft.job internal error job_id=%s", job_id)
-            session.rollback()
-            finish_failed(session, job_id=job_id, code=INTERNAL_ERROR,
-                          message=f"internal error: {type(err).__name__}")
-            session.commit()
+        attempt = current_attempt(session, job_id=job_id)
+        session.commit()
+        log.info("speft.job claimed job_id=%s worker=%s attempt=%d", job_id, worker, attempt)
+        with _Heartbeat(job_id, attempt, interval_s=get_settings().heartbeat_interval_s):
+            _run_claimed(session, job_id, attempt)
+
+
+def _run_claimed(session: Session, job_id: str, attempt: int) -> None:
+    """Train a claimed job and record how it ended (every write leased to `attempt`)."""
+    try:
+        with _local_spec(session, job_id) as (spec, device):
+            result = fine_tune(spec, device=device,
+                               callbacks=_JobRecorder(session, job_id, attempt).callbacks())
+        _publish(session, job_id, attempt, spec, result)
+    except TrainingCancelled:
+        session.rollback()
+        finish_cancelled(session, job_id=job_id, attempt=attempt)
+        session.commit()
+        log.info("speft.job cancelled job_id=%s", job_id)
+    except SpeftError as err:
+        _fail(session, job_id, attempt, USER_ERROR, err.message, err.param)
+        log.info("speft.job failed job_id=%s code=%s error=%r", job_id, USER_ERROR, err.message)
+    except DeviceUnavailable as err:
+        _fail(session, job_id, attempt, INTERNAL_ERROR, str(err), "device")
+        log.error("speft.job misrouted job_id=%s worker=%s: %s", job_id, worker_name(), err)
+    except Exception as err:
+        log.exception("speft.job internal error job_id=%s", job_id)
+        _fail(session, job_id, attempt, INTERNAL_ERROR, f"internal error: {type(err).__name__}")
+
+
+def _fail(session: Session, job_id: str, attempt: int, code: str, message: str,
+          param: str | None = None) -> None:
+    """Roll back whatever the attempt had begun and fail the job (if still this attempt's)."""
+    session.rollback()
+    finish_failed(session, job_id=job_id, code=code, message=message, param=param,
+                  attempt=attempt)
+    session.commit()
+
+
+class _Heartbeat:
+    """A thread that stamps the job's `heartbeat_at` every `interval_s` while the attempt runs,
+    with its own database session (training may hold the main one for minutes between steps:
+    model download, salience scoring). A failed stamp is logged and retried on the next tick."""
+
+    def __init__(self, job_id: str, attempt: int, *, interval_s: float) -> None:
+        self.job_id, self.attempt, self.interval_s = job_id, attempt, interval_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}",
+                                       daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                with get_session_factory()() as session:
+                    alive = heartbeat(session, job_id=self.job_id, attempt=self.attempt)
+                    session.commit()
+            except Exception:  # a missed beat is retried on the next tick; the job goes on
+                log.warning("speft.job heartbeat failed job_id=%s", self.job_id, exc_info=True)
+                continue
+            if not alive:  # finished, cancelled or taken over: nothing left to keep alive
+                return
 
 
 @contextlib.contextmanager
@@ -154,18 +221,19 @@ def _training_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-def _publish(session: Session, job_id: str, spec: JobSpec, result: TrainResult) -> None:
+def _publish(session: Session, job_id: str, attempt: int, spec: JobSpec,
+             result: TrainResult) -> None:
     """Upload the delta and make the job succeeded; the object is deleted unless the job is."""
     storage = get_storage()
-    adapter_id = new_id("adapter")
-    key = adapter_key(adapter_id)
+    adapter_id = adapter_id_for(job_id)
+    key = attempt_key(adapter_id, attempt)
     stored = storage.put(key, delta_to_bytes(result.delta))
     try:
         succeeded = finish_succeeded(
             session, job_id=job_id, adapter_id=adapter_id, storage_key=key,
             nnz=result.delta.nnz, density=float(spec.speft.density), metric=spec.speft.metric,
             bytes=stored.size, sha256=stored.sha256, eval=_json_safe(result.eval),
-            trainable_params=result.trainable_params,
+            trainable_params=result.trainable_params, attempt=attempt,
         )
         session.commit()
     except BaseException:
@@ -173,20 +241,47 @@ def _publish(session: Session, job_id: str, spec: JobSpec, result: TrainResult) 
         storage.delete(key)
         raise
     if succeeded:
+        delete_attempt_objects(storage, adapter_id, range(1, attempt))  # killed attempts' uploads
         log.info("speft.job succeeded job_id=%s adapter_id=%s", job_id, adapter_id)
         return
     storage.delete(key)
-    cancelled = finish_cancelled(session, job_id=job_id)  # a cancel that came after the last step
+    # A cancel that came after the last step (a no-op when the job was re-queued meanwhile).
+    cancelled = finish_cancelled(session, job_id=job_id, attempt=attempt)
     session.commit()
     log.info("speft.job finished elsewhere, adapter discarded job_id=%s cancelled=%s",
              job_id, cancelled)
 
 
+@app.task(name="speft.reconcile")
+def reconcile() -> dict[str, list[str]]:
+    """One reconciler sweep: re-queue, fail or cancel jobs whose worker died, re-send queued jobs
+    whose message was lost, and delete the uploads of jobs that ended without an adapter."""
+    settings = get_settings()
+    with get_session_factory()() as session:
+        done = reconcile_jobs(session, policy=ReconcilePolicy.from_settings(settings))
+        session.commit()
+        if not done:
+            return {}
+        sends = session.execute(select(Job.id, Job.spec).where(Job.id.in_(done.to_send))).all()
+        given_up = session.execute(select(Job.id, Job.attempts)
+                                   .where(Job.id.in_(done.failed + done.cancelled))).all()
+        session.commit()
+    enqueue = CeleryEnqueuer(settings, celery=app)
+    for job_id, spec in sends:
+        enqueue(job_id, spec.get("device", "cpu"))
+    for job_id, attempts in given_up:
+        delete_attempt_objects(get_storage(), adapter_id_for(job_id), range(1, attempts + 1))
+    log.warning("speft.reconcile requeued=%s failed=%s cancelled=%s resent=%s",
+                done.requeued, done.failed, done.cancelled, done.resent)
+    return {"requeued": done.requeued, "failed": done.failed, "cancelled": done.cancelled,
+            "resent": done.resent}
+
+
 class _JobRecorder:
     """Training callbacks that write progress, metrics and events to the job and poll for cancel."""
 
-    def __init__(self, session: Session, job_id: str) -> None:
-        self.session, self.job_id = session, job_id
+    def __init__(self, session: Session, job_id: str, attempt: int) -> None:
+        self.session, self.job_id, self.attempt = session, job_id, attempt
         self.stop = False
         self.last_poll = float("-inf")
 
@@ -199,7 +294,8 @@ class _JobRecorder:
         """Progress, heartbeat and one train metric row, committed at once."""
         active = record_progress(self.session, job_id=self.job_id, step=report.step,
                                  total=report.total_steps, train_loss=report.train_loss,
-                                 lr=report.lr, grad_norm=report.grad_norm)
+                                 lr=report.lr, grad_norm=report.grad_norm,
+                                 attempt=self.attempt)
         self.session.commit()
         self.stop = self.stop or not active
 

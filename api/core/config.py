@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from limits import RateLimitItem, parse_many
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -24,6 +25,8 @@ QUEUE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 Device = Literal["cpu", "cuda"]  # a job's device kind; also its queue's name
 STORAGE_SCHEMES = ("file", "s3")
 DATABASE_BACKENDS = ("sqlite", "postgresql")
+# `limits` storages with a moving window that the API builds (memory, or Redis of one server).
+RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 
 
 def _env(field: str) -> str:
@@ -90,6 +93,68 @@ class Settings(BaseSettings):
     inference_path: Literal["auto", "swap", "mixed"] = "auto"
     inference_device: Device = "cpu"
     inference_preload: str = ""  # "adapter-1,adapter-2"
+    # Reliability (worker): a running job's worker writes `heartbeat_at` every
+    # heartbeat_interval_s; the reconciler (a periodic task in every worker, each
+    # reconcile_interval_s) re-enqueues a running job whose heartbeat is older than
+    # heartbeat_timeout_s (its worker died) until it has had max_attempts attempts, then fails it;
+    # and re-sends a queued job not claimed within requeue_after_s (its message was lost).
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 120.0
+    requeue_after_s: float = 300.0
+    max_attempts: int = 3
+    reconcile_interval_s: float = 30.0
+    # Limits per tenant (API): requests in a moving window, as a `limits` string ("600/minute",
+    # several joined by ";"; empty: off), counted in rate_limit_storage_url (memory://: per API
+    # process; redis://…: shared by every API process; unset: the broker when it is Redis, else
+    # memory://); and unfinished jobs (validating_files, queued, running, cancel_requested; 0: no
+    # quota). Beyond either: 429 with Retry-After.
+    rate_limit: str = "600/minute"
+    rate_limit_storage_url: str | None = None
+    max_active_jobs_per_tenant: int = 16
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        if value.strip():
+            try:
+                parse_many(value)
+            except ValueError as err:
+                raise ValueError(f"{_env('rate_limit')}: not a rate limit like '600/minute' "
+                                 f"(several joined by ';'); got {value!r}") from err
+        return value.strip()
+
+    @field_validator("rate_limit_storage_url", mode="before")
+    @classmethod
+    def _check_rate_limit_storage_url(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and value.partition("://")[0] not in RATE_LIMIT_STORAGE_SCHEMES:
+            raise ValueError(f"{_env('rate_limit_storage_url')}: expected memory:// or "
+                             f"redis://HOST:PORT/DB (rediss://, redis+unix://); got {value!r}")
+        return value
+
+    @field_validator("max_active_jobs_per_tenant")
+    @classmethod
+    def _check_job_quota(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"{_env('max_active_jobs_per_tenant')}: must be 0 (no quota) or "
+                             f"more; got {value}")
+        return value
+
+    @property
+    def rate_limit_items(self) -> list[RateLimitItem]:
+        """SPEFT_RATE_LIMIT parsed; empty when rate limiting is off."""
+        return parse_many(self.rate_limit) if self.rate_limit else []
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Where request counts live: the configured URL, else a Redis broker, else memory://."""
+        if self.rate_limit_storage_url is not None:
+            return self.rate_limit_storage_url
+        if self.broker_url is not None and self.broker_url.partition("://")[0] in (
+                "redis", "rediss"):
+            return self.broker_url
+        return "memory://"
 
     @field_validator("broker_url", "s3_endpoint_url", "models_dir", mode="before")
     @classmethod
@@ -134,7 +199,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size", "adapter_cache_bytes",
-                     "inference_max_batch_size")
+                     "inference_max_batch_size", "max_attempts")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:
@@ -156,6 +221,15 @@ class Settings(BaseSettings):
                              f"got {value!r}")
         return value
 
+    @field_validator("heartbeat_interval_s", "heartbeat_timeout_s", "requeue_after_s",
+                     "reconcile_interval_s")
+    @classmethod
+    def _check_seconds(cls, value: float, info: Any) -> float:
+        if not value > 0:
+            raise ValueError(f"{_env(info.field_name)}: must be a positive number of seconds; "
+                             f"got {value}")
+        return value
+
     @field_validator("inference_max_wait_ms")
     @classmethod
     def _check_wait(cls, value: float) -> float:
@@ -167,6 +241,11 @@ class Settings(BaseSettings):
     def preload_adapters(self) -> list[str]:
         """SPEFT_INFERENCE_PRELOAD as a list of adapter ids."""
         return [part.strip() for part in self.inference_preload.split(",") if part.strip()]
+
+    @property
+    def control_queue(self) -> str:
+        """The queue of the service's own periodic tasks (the reconciler); every worker reads it."""
+        return f"{self.queue_prefix}control"
 
     def queue_for(self, device: str) -> str:
         """The broker queue for jobs on `device` (`cpu` or `cuda`)."""

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Dialect,
     Enum,
@@ -248,6 +249,7 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]  # when its message was last sent (reconciler: resend)
     attempts: Mapped[int] = mapped_column(default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -328,9 +330,11 @@ def transition_job(
     *,
     from_statuses: Iterable[JobStatus],
     to_status: JobStatus,
+    when: Iterable[ColumnElement[bool]] = (),
     **fields: Any,
 ) -> bool:
-    """Move a job to `to_status` only if it is in one of `from_statuses`; True if this call did.
+    """Move a job to `to_status` only if it is in one of `from_statuses` (and every condition in
+    `when` holds); True if this call did.
 
     One conditional `UPDATE jobs SET status=:to, <fields> WHERE id=:id AND status IN (:from…)`:
     the database serialises concurrent callers, so of two workers claiming one queued job exactly
@@ -348,7 +352,7 @@ def transition_job(
         raise TypeError(f"jobs has no column {unknown[0]!r}")
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(allowed))
+        .where(Job.id == job_id, Job.status.in_(allowed), *when)
         .values(status=JobStatus(to_status), **fields)
         .execution_options(synchronize_session=False)
     )

@@ -5,12 +5,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, StorageDep, TenantDep
-from api.routes import download_response
+from api.errors import COMMON_ERRORS, error_responses
+from api.routes import DOWNLOAD_RESPONSE, download_response
 from api.schemas import AdapterDeleted, AdapterList, AdapterObject
 from api.services import adapters
 from api.services.adapters import adapter_object
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
+router = APIRouter(prefix="/adapters", tags=["adapters"],
+                   responses=error_responses(*COMMON_ERRORS))
 
 
 @router.get("", response_model=AdapterList)
@@ -20,14 +22,15 @@ def list_adapters(session: SessionDep, tenant: TenantDep) -> AdapterList:
     return AdapterList(data=[adapter_object(row) for row in rows])
 
 
-@router.get("/{adapter_id}", response_model=AdapterObject)
+@router.get("/{adapter_id}", response_model=AdapterObject, responses=error_responses(404))
 def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> AdapterObject:
     """One adapter's metadata."""
     return adapter_object(adapters.get_adapter(session, tenant_id=tenant.id,
                                                adapter_id=adapter_id))
 
 
-@router.get("/{adapter_id}/content", response_class=StreamingResponse)
+@router.get("/{adapter_id}/content", response_class=StreamingResponse,
+            responses=DOWNLOAD_RESPONSE | error_responses(404))
 def get_adapter_content(adapter_id: str, session: SessionDep, storage: StorageDep,
                         tenant: TenantDep) -> StreamingResponse:
     """The adapter's delta file (safetensors), verified against its sha256 while streaming."""
@@ -36,7 +39,7 @@ def get_adapter_content(adapter_id: str, session: SessionDep, storage: StorageDe
     return download_response(chunks, size=row.bytes, filename=f"{row.id}.safetensors")
 
 
-@router.delete("/{adapter_id}", response_model=AdapterDeleted)
+@router.delete("/{adapter_id}", response_model=AdapterDeleted, responses=error_responses(404))
 def delete_adapter(adapter_id: str, request: Request, session: SessionDep, storage: StorageDep,
                    tenant: TenantDep) -> AdapterDeleted:
     """Delete an adapter (its delta file is removed, it leaves memory; the job keeps its record)."""

@@ -8,11 +8,12 @@ from fastapi.responses import StreamingResponse
 
 from api.core.models import File
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.routes import download_response
+from api.errors import COMMON_ERRORS, error_responses
+from api.routes import DOWNLOAD_RESPONSE, download_response
 from api.schemas import FileDeleted, FileList, FileObject
 from api.services import files
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
 
 
 def file_object(row: File) -> FileObject:
@@ -22,10 +23,10 @@ def file_object(row: File) -> FileObject:
                       num_examples=row.num_examples, task=row.task)
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses=error_responses(413))
 def upload_file(
     file: UploadFile,
-    purpose: Annotated[str, Form()],
+    purpose: Annotated[str, Form(min_length=1, json_schema_extra={"enum": [files.FILE_PURPOSE]})],
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
@@ -46,13 +47,14 @@ def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
     return FileList(data=[file_object(row) for row in files.list_files(session, tenant_id=tenant.id)])
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
     """One file's metadata."""
     return file_object(files.get_file(session, tenant_id=tenant.id, file_id=file_id))
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse)
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses=DOWNLOAD_RESPONSE | error_responses(404))
 def get_file_content(file_id: str, session: SessionDep, storage: StorageDep,
                      tenant: TenantDep) -> StreamingResponse:
     """The file's bytes as uploaded."""
@@ -61,7 +63,7 @@ def get_file_content(file_id: str, session: SessionDep, storage: StorageDep,
     return download_response(chunks, size=row.bytes, filename=f"{row.id}.jsonl")
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404))
 def delete_file(file_id: str, session: SessionDep, storage: StorageDep,
                 tenant: TenantDep) -> FileDeleted:
     """Delete a file (its bytes are removed; jobs that used it keep their record)."""

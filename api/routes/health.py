@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.errors import ServiceUnavailable, error_body
+from api.schemas import Readiness, ReadinessFailure
 
 router = APIRouter(tags=["health"])
 NOT_CONFIGURED = "not configured"
@@ -29,7 +30,9 @@ def _probe(check: Callable[[], object]) -> str:
     return "ok"
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is down"}})
+@router.get("/readyz", responses={200: {"model": Readiness},
+                                   503: {"model": ReadinessFailure,
+                                         "description": "a dependency is down"}})
 def readyz(request: Request) -> JSONResponse:
     """Readiness: the database, storage and broker (when configured) all answer."""
     state = request.app.state

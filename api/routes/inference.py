@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.core.models import Adapter, Tenant, new_id
 from api.deps import SessionDep, StorageDep, TenantDep
-from api.errors import error_body
+from api.errors import COMMON_ERRORS, error_body, error_responses
 from api.schemas import (
     ClassificationCreate,
     ClassificationResponse,
@@ -34,7 +34,7 @@ from api.services.inference import InferenceEngines, PreparedInference, prepare_
 from speft_core.errors import SpeftError
 from speft_core.serving import Completion, SamplingParams
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], responses=error_responses(*COMMON_ERRORS))
 _DONE = object()
 
 
@@ -50,7 +50,8 @@ async def _prepare(request: Request, session: Session, storage: Any, tenant: Ten
         tenant_id=tenant.id, model_id=body.model, parts=body.adapter_parts(), task=task)
 
 
-@router.post("/classifications", response_model=ClassificationResponse)
+@router.post("/classifications", response_model=ClassificationResponse,
+             responses=error_responses(404))
 async def create_classification(body: ClassificationCreate, request: Request,
                                 session: SessionDep, storage: StorageDep,
                                 tenant: TenantDep) -> ClassificationResponse:
@@ -63,7 +64,8 @@ async def create_classification(body: ClassificationCreate, request: Request,
 
 
 @router.post("/completions", response_model=CompletionResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+             responses={200: {"content": {"text/event-stream": {}}},
+                        **error_responses(404)})
 async def create_completion(body: CompletionCreate, request: Request, session: SessionDep,
                             storage: StorageDep, tenant: TenantDep) -> Any:
     """Continue the prompt; with `stream`, text arrives as server-sent events as it grows."""

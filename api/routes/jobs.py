@@ -7,11 +7,13 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.core.models import JobStatus
 from api.deps import SessionDep, TenantDep
+from api.errors import COMMON_ERRORS, error_responses
 from api.schemas import JobCreate, JobEventList, JobList, JobMetricList, JobObject
-from api.services import job_requests
+from api.services import job_requests, quotas
 from api.services.job_requests import event_object, job_object
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"],
+                   responses=error_responses(*COMMON_ERRORS))
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
@@ -19,7 +21,8 @@ DEFAULT_PAGE = 20
 
 @router.post("", response_model=JobObject, status_code=status.HTTP_201_CREATED,
              responses={200: {"model": JobObject,
-                              "description": "an Idempotency-Key replay: the earlier job"}})
+                              "description": "an Idempotency-Key replay: the earlier job"},
+                        **error_responses(409)})
 def create_job(
     body: JobCreate,
     request: Request,
@@ -41,6 +44,8 @@ def create_job(
     if not created:
         response.status_code = status.HTTP_200_OK
         return job_object(job)
+    quotas.check_active_jobs(session, tenant_id=tenant.id,  # 429 rolls the insert back
+                             limit=request.app.state.settings.max_active_jobs_per_tenant)
     session.commit()
     job_requests.enqueue_created_job(session, enqueue=request.app.state.enqueue_job, job=job)
     return job_object(job)
@@ -60,26 +65,26 @@ def list_jobs(
     return JobList(data=[job_object(row) for row in rows], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobObject)
+@router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
     """One job."""
     return job_object(job_requests.get_job(session, tenant_id=tenant.id, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject)
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
     """Cancel a job: at once if not started, else `cancel_requested`; 409 if already finished."""
     return job_object(job_requests.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
 
 
-@router.get("/{job_id}/events", response_model=JobEventList)
+@router.get("/{job_id}/events", response_model=JobEventList, responses=error_responses(404))
 def list_job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventList:
     """The job's events, oldest first."""
     rows = job_requests.list_events(session, tenant_id=tenant.id, job_id=job_id)
     return JobEventList(data=[event_object(row) for row in rows])
 
 
-@router.get("/{job_id}/metrics", response_model=JobMetricList)
+@router.get("/{job_id}/metrics", response_model=JobMetricList, responses=error_responses(404))
 def list_job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> JobMetricList:
     """The job's metrics, one row per step (train and eval values merged)."""
     return JobMetricList(data=job_requests.list_metrics(session, tenant_id=tenant.id,

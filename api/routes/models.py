@@ -5,10 +5,11 @@ from fastapi import APIRouter
 
 from api.core.models import RegisteredModel
 from api.deps import SessionDep, TenantDep
+from api.errors import COMMON_ERRORS, error_responses
 from api.schemas import ModelList, ModelObject
 from api.services import models
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(*COMMON_ERRORS))
 
 
 def model_object(row: RegisteredModel) -> ModelObject:
@@ -23,7 +24,7 @@ def list_models(session: SessionDep, _: TenantDep) -> ModelList:
     return ModelList(data=[model_object(row) for row in models.list_models(session)])
 
 
-@router.get("/{model_id}", response_model=ModelObject)
+@router.get("/{model_id}", response_model=ModelObject, responses=error_responses(404))
 def get_model(model_id: str, session: SessionDep, _: TenantDep) -> ModelObject:
     """One base model."""
     return model_object(models.get_model(session, model_id=model_id))

@@ -37,15 +37,18 @@ def detect_task(first_object: object) -> str | None:
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Split a byte stream into lines (each keeps its newline, the last may lack one)."""
-    pending = b""
+    """Split a byte stream into lines (each keeps its newline, the last may lack one); a line
+    spanning many chunks is joined once, so a long line costs linear time."""
+    pending: list[bytes] = []  # the current line's pieces
     for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line + b"\n"
+        *complete, rest = chunk.split(b"\n")
+        for piece in complete:
+            yield b"".join([*pending, piece, b"\n"])
+            pending = []
+        if rest:
+            pending.append(rest)
     if pending:
-        yield pending
+        yield b"".join(pending)
 
 
 def _limit_lines(lines: Iterable[bytes], max_lines: int) -> Iterator[bytes]:
@@ -100,7 +103,9 @@ def create_file(
     max_bytes: int,
     max_lines: int,
 ) -> File:
-    """Store an upload, validate it as a dataset and record it; nothing stays stored on failure."""
+    """Store an upload, validate it as a dataset, record it and commit; nothing stays stored on
+    failure. The commit is made here, not after the route, so that a database failing after the
+    object was put (down, or the commit refused) still deletes the object: no orphan."""
     if purpose != FILE_PURPOSE:
         raise InvalidRequest(f"purpose must be {FILE_PURPOSE!r}; got {purpose!r}", param="purpose")
     file_id = new_id("file")
@@ -117,7 +122,7 @@ def create_file(
                    bytes=stored.size, sha256=stored.sha256, storage_key=key,
                    num_examples=num_examples, task=task)
         session.add(row)
-        session.flush()
+        session.commit()
     except BaseException as err:
         with contextlib.suppress(Exception):
             storage.delete(key)

@@ -254,8 +254,10 @@ class CeleryEnqueuer:
     The Celery app is built on first use, so an app whose enqueue is replaced never builds one.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, celery: Any = None) -> None:
         self.settings = settings
+        if celery is not None:  # a worker sends through its own app
+            self.celery = celery
 
     @functools.cached_property
     def celery(self) -> Any:

@@ -7,13 +7,21 @@ transaction: nothing here commits.
 
 Redelivery: `claim_job` moves only `queued` jobs to `running`. A message redelivered for a job
 that is already running (its worker alive, or dead with a stale heartbeat) or finished is refused;
-bringing a job whose worker died back to a terminal status is the job of a stale-heartbeat sweep.
+a job whose worker died is brought back by the reconciler (`api.services.reconciler`) through
+`requeue_stale_job`, `fail_stale_job` and `cancel_stale_job`, each conditional on the heartbeat
+still being stale.
+
+Leases: the claim increments `attempts`; the worker passes that number as `attempt` to every later
+write (`heartbeat`, `record_progress`, `finish_*`), which then apply only while the job is still on
+that attempt. A worker presumed dead that comes back (a long pause, a partition) can no longer
+touch a job that was re-queued and claimed again.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
@@ -64,6 +72,16 @@ def add_events(session: Session, *, job_id: str, events: list[dict[str, Any]]) -
          "created_at": utcnow(), **event} for event in events])
 
 
+def _lease(attempt: int | None) -> list[ColumnElement[bool]]:
+    """The condition that the job is still on `attempt` (none when no attempt is given)."""
+    return [] if attempt is None else [Job.attempts == attempt]
+
+
+def stale_condition(stale_before: datetime) -> ColumnElement[bool]:
+    """The condition that the job's worker has not heart-beaten since `stale_before`."""
+    return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)
+
+
 def _transition(
     session: Session,
     job_id: str,
@@ -73,11 +91,13 @@ def _transition(
     message: str,
     level: str = "info",
     data: dict[str, Any] | None = None,
+    when: list[ColumnElement[bool]] | None = None,
     **fields: Any,
 ) -> bool:
     """The conditional UPDATE plus its status event, written only when the update happened."""
     changed = transition_job(
-        session, job_id, from_statuses=from_statuses, to_status=to_status, **fields
+        session, job_id, from_statuses=from_statuses, to_status=to_status, when=when or (),
+        **fields
     )
     if changed:
         add_event(session, job_id=job_id, level=level, type=EVENT_STATUS, message=message,
@@ -86,13 +106,78 @@ def _transition(
 
 
 def claim_job(session: Session, *, job_id: str, worker: str) -> bool:
-    """queued → running for `worker` (sets started_at, heartbeat_at, attempts + 1)."""
+    """queued → running for `worker` (sets started_at, heartbeat_at, attempts + 1; progress
+    starts again from step 0)."""
     now = utcnow()
     return _transition(
         session, job_id, from_statuses={JobStatus.QUEUED}, to_status=JobStatus.RUNNING,
         message="job started", data={"worker": worker},
         started_at=now, heartbeat_at=now, worker=worker, attempts=Job.attempts + 1,
+        progress_step=0,
     )
+
+
+def current_attempt(session: Session, *, job_id: str) -> int:
+    """The job's attempt number (1 after its first claim): the lease a worker writes under."""
+    return session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+
+
+def heartbeat(session: Session, *, job_id: str, attempt: int) -> bool:
+    """Record that the worker of `attempt` is alive; False once the job is no longer its own."""
+    return session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), *_lease(attempt))
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
+def requeue_stale_job(session: Session, *, job_id: str, stale_before: datetime,
+                      reason: str) -> bool:
+    """running → queued when its worker has not heart-beaten since `stale_before` (it died); the
+    caller sends the job again after committing."""
+    return _transition(
+        session, job_id, from_statuses={JobStatus.RUNNING}, to_status=JobStatus.QUEUED,
+        message=f"job re-queued: {reason}", level="warning", when=[stale_condition(stale_before)],
+        worker=None, heartbeat_at=None, enqueued_at=utcnow(),
+    )
+
+
+def fail_stale_job(session: Session, *, job_id: str, stale_before: datetime,
+                   reason: str) -> bool:
+    """running → failed (internal_error) when its worker stopped heart-beating and the job has
+    used all its attempts."""
+    return _transition(
+        session, job_id, from_statuses={JobStatus.RUNNING}, to_status=JobStatus.FAILED,
+        message=f"job failed: {reason}", level="error",
+        data={"code": INTERNAL_ERROR, "param": None}, when=[stale_condition(stale_before)],
+        finished_at=utcnow(), error_code=INTERNAL_ERROR, error_message=reason, error_param=None,
+    )
+
+
+def cancel_stale_job(session: Session, *, job_id: str, stale_before: datetime) -> bool:
+    """cancel_requested → cancelled when its worker died before it could stop."""
+    return _transition(
+        session, job_id, from_statuses={JobStatus.CANCEL_REQUESTED},
+        to_status=JobStatus.CANCELLED, message="job cancelled (its worker stopped)",
+        when=[stale_condition(stale_before)], finished_at=utcnow(),
+    )
+
+
+def mark_resent(session: Session, *, job_id: str, sent_before: datetime) -> bool:
+    """Take the right to send a queued job again: True when it is still queued and was last sent
+    (or created) before `sent_before`; its `enqueued_at` becomes now, and an event says why."""
+    taken = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED,
+               func.coalesce(Job.enqueued_at, Job.created_at) < sent_before)
+        .values(enqueued_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+    if taken:
+        add_event(session, job_id=job_id, level="warning",
+                  message="job sent again: no worker claimed it (its message was presumed lost)")
+    return taken
 
 
 def request_cancel(session: Session, *, job_id: str) -> bool:
@@ -124,12 +209,13 @@ def finish_succeeded(
     sha256: str,
     eval: dict[str, Any] | None,  # the adapter field is called `eval`
     trainable_params: int | None = None,
+    attempt: int | None = None,
 ) -> bool:
     """running → succeeded, creating the job's Adapter row in the same transaction."""
     owner = session.execute(select(Job.tenant_id, Job.model).where(Job.id == job_id)).first()
     if owner is None or not _transition(
         session, job_id, from_statuses={JobStatus.RUNNING}, to_status=JobStatus.SUCCEEDED,
-        message="job succeeded", data={"adapter_id": adapter_id},
+        message="job succeeded", data={"adapter_id": adapter_id}, when=_lease(attempt),
         finished_at=utcnow(), adapter_id=adapter_id, trainable_params=trainable_params,
     ):
         return False
@@ -143,21 +229,23 @@ def finish_succeeded(
 
 
 def finish_failed(
-    session: Session, *, job_id: str, code: str, message: str, param: str | None = None
+    session: Session, *, job_id: str, code: str, message: str, param: str | None = None,
+    attempt: int | None = None,
 ) -> bool:
     """Any non-terminal status → failed, with the error the API shows."""
     return _transition(
         session, job_id, from_statuses=NON_TERMINAL_STATUSES, to_status=JobStatus.FAILED,
         message=f"job failed: {message}", level="error", data={"code": code, "param": param},
+        when=_lease(attempt),
         finished_at=utcnow(), error_code=code, error_message=message, error_param=param,
     )
 
 
-def finish_cancelled(session: Session, *, job_id: str) -> bool:
+def finish_cancelled(session: Session, *, job_id: str, attempt: int | None = None) -> bool:
     """cancel_requested|running → cancelled."""
     return _transition(session, job_id, from_statuses=ACTIVE_STATUSES,
                        to_status=JobStatus.CANCELLED, message="job cancelled",
-                       finished_at=utcnow())
+                       when=_lease(attempt), finished_at=utcnow())
 
 
 def _upsert_metric(session: Session, *, job_id: str, kind: MetricKind, step: int,
@@ -180,11 +268,13 @@ def record_progress(
     train_loss: float,
     lr: float,
     grad_norm: float,
+    attempt: int | None = None,
 ) -> bool:
-    """Store a training step (progress, heartbeat, one train metric row); False if the job is not active."""
+    """Store a training step (progress, heartbeat, one train metric row); False if the job is not
+    active (or no longer on `attempt`)."""
     active = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), *_lease(attempt))
         .values(progress_step=step, progress_total=total, heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount == 1

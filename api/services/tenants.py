@@ -1,12 +1,29 @@
-"""Tenants and API keys: configured keys synced into the database, keys resolved to tenants."""
+"""Tenants and API keys: keys made by `speft keys` or configured in SPEFT_API_KEYS, stored only as
+sha256 plus a display prefix; keys resolved to tenants; open mode decided.
+
+Keys from SPEFT_API_KEYS are synced at start-up with ids `key-env-…`: one taken out of the
+variable is revoked at the next start. A revoked key stays revoked, also if it is configured again.
+"""
 from __future__ import annotations
 
-from sqlalchemy import select
+import logging
+import secrets
+
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
+from api.core.config import TENANT_NAME_RE, Settings
 from api.core.db import dialect_insert
 from api.core.models import ApiKey, Tenant, api_key_prefix, hash_api_key, new_id, utcnow
+from api.errors import Conflict, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+NEW_KEY_PREFIX = "sk-"  # every key `speft keys create` makes starts so
+NEW_KEY_BYTES = 32  # of randomness (secrets.token_urlsafe)
+CONFIGURED_KEY_ID_PREFIX = "key-env"  # ids of keys synced from SPEFT_API_KEYS
+# A shorter key is stored without a display prefix: a prefix must never be most of the key.
+MIN_PREFIXED_KEY_LENGTH = 16
 
 
 def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
@@ -20,22 +37,42 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
     return session.scalars(select(Tenant).where(Tenant.name == name)).one()
 
 
+def display_prefix(key: str) -> str:
+    """The first characters of `key` kept for display; none for a key too short to spare them."""
+    return api_key_prefix(key) if len(key) >= MIN_PREFIXED_KEY_LENGTH else ""
+
+
 def sync_configured_keys(session: Session, *, settings: Settings) -> None:
-    """Store SPEFT_API_KEYS as hashed keys of their tenants (idempotent); ensure the open-mode tenant."""
-    if settings.open_mode:
-        get_or_create_tenant(session, name=settings.default_tenant)
-        return
-    for key, tenant_name in settings.api_key_tenants.items():
+    """Store SPEFT_API_KEYS as hashed keys of their tenants and revoke configured keys no longer
+    listed (idempotent)."""
+    configured = settings.api_key_tenants
+    for key, tenant_name in configured.items():
+        if len(key) < MIN_PREFIXED_KEY_LENGTH:
+            log.warning("SPEFT_API_KEYS: the key of tenant %s is shorter than %d characters; "
+                        "prefer `speft keys create`", tenant_name, MIN_PREFIXED_KEY_LENGTH)
         tenant = get_or_create_tenant(session, name=tenant_name)
-        key_hash = hash_api_key(key)
         statement = dialect_insert(session, ApiKey).values(
-            id=new_id("key"), tenant_id=tenant.id, key_hash=key_hash,
-            prefix=api_key_prefix(key), created_at=utcnow(),
+            id=new_id(CONFIGURED_KEY_ID_PREFIX), tenant_id=tenant.id, key_hash=hash_api_key(key),
+            prefix=display_prefix(key), created_at=utcnow(),
         )
         # A key moved to another tenant in the configuration follows it.
         session.execute(statement.on_conflict_do_update(
             index_elements=["key_hash"], set_={"tenant_id": tenant.id}
         ))
+    session.execute(update(ApiKey).where(
+        ApiKey.id.startswith(f"{CONFIGURED_KEY_ID_PREFIX}-"), ApiKey.revoked_at.is_(None),
+        ApiKey.key_hash.not_in([hash_api_key(key) for key in configured]),
+    ).values(revoked_at=utcnow()))
+
+
+def has_active_keys(session: Session) -> bool:
+    """True when the database holds at least one unrevoked API key."""
+    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+
+
+def is_open_mode(session: Session, *, settings: Settings) -> bool:
+    """Open mode (one tenant, no authentication): no SPEFT_API_KEYS and no unrevoked stored key."""
+    return settings.open_mode and not has_active_keys(session)
 
 
 def tenant_for_api_key(session: Session, *, key: str) -> Tenant | None:
@@ -44,3 +81,50 @@ def tenant_for_api_key(session: Session, *, key: str) -> Tenant | None:
         select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
     )
+
+
+def create_api_key(session: Session, *, tenant_name: str) -> tuple[ApiKey, str]:
+    """A new random key for `tenant_name` (created if missing): (its row, the key itself).
+
+    Only the key's sha256 and display prefix are stored; the key is returned this once.
+    """
+    if not TENANT_NAME_RE.match(tenant_name):
+        raise InvalidRequest(f"invalid tenant name {tenant_name!r} (letters, digits, '_', '.', "
+                             "'-'; at most 64)", param="tenant")
+    tenant = get_or_create_tenant(session, name=tenant_name)
+    key = NEW_KEY_PREFIX + secrets.token_urlsafe(NEW_KEY_BYTES)
+    row = ApiKey(id=new_id("key"), tenant_id=tenant.id, key_hash=hash_api_key(key),
+                 prefix=display_prefix(key), created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def revoke_api_key(session: Session, *, id_or_prefix: str) -> ApiKey:
+    """Revoke the key with this id, or the one key with this display prefix (idempotent)."""
+    if not id_or_prefix:
+        raise NotFound("give a key's id or prefix", param="key")
+    matches = list(session.scalars(select(ApiKey).where(
+        or_(ApiKey.id == id_or_prefix, ApiKey.prefix == id_or_prefix)).order_by(ApiKey.id)))
+    exact = [row for row in matches if row.id == id_or_prefix]
+    if exact:
+        matches = exact
+    if not matches:
+        raise NotFound(f"no API key has the id or prefix {id_or_prefix!r}", param="key")
+    if len(matches) > 1:
+        raise Conflict(f"{len(matches)} keys have the prefix {id_or_prefix!r}: give the id "
+                       f"({', '.join(row.id for row in matches)})", param="key")
+    row = matches[0]
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
+
+
+def list_api_keys(session: Session, *, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Stored keys (never the keys themselves) with their tenant's name, oldest first."""
+    statement = (select(ApiKey, Tenant.name).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                 .order_by(ApiKey.created_at, ApiKey.id))
+    if tenant_name is not None:
+        statement = statement.where(Tenant.name == tenant_name)
+    return [(row, name) for row, name in session.execute(statement).all()]

@@ -237,9 +237,9 @@ def test_composed_adapters_serve_the_weighted_sum_of_their_deltas(
     assert not torch.allclose(want, cls_reference(cls_deltas["A"], TEXTS), atol=1e-3)
 
 
-def test_an_adapter_twice_in_a_composition_is_422(client, cls_ids):
+def test_an_adapter_twice_in_a_composition_is_400(client, cls_ids):
     parts = [{"id": cls_ids["A"], "weight": 0.5}, {"id": cls_ids["A"], "weight": 0.5}]
-    assert_error(classify(client, parts, TEXTS), 422, "adapter", "invalid_request")
+    assert_error(classify(client, parts, TEXTS), 400, "adapter", "invalid_request")
 
 
 def test_classification_without_an_adapter_is_400(client):

@@ -1,100 +1,38 @@
 """run_job in-process on a migrated SQLite database, local storage and real sst2 lines with MiniLM."""
 from __future__ import annotations
 
-import hashlib
 import json
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from datetime import timedelta
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select, update
 
 from api.core.config import get_settings
 from api.core.db import dispose_engine, make_engine, session_factory, upgrade_database
 from api.core.models import (
     Adapter,
-    File,
     Job,
     JobEvent,
     JobMetric,
     JobStatus,
     MetricKind,
-    RegisteredModel,
-    Tenant,
+    utcnow,
 )
-from api.core.storage import Storage
-from api.services.jobs import INTERNAL_ERROR, USER_ERROR, request_cancel
+from api.services.jobs import (
+    INTERNAL_ERROR,
+    USER_ERROR,
+    claim_job,
+    request_cancel,
+    requeue_stale_job,
+)
 from speft_core.errors import TrainingCancelled
+from tests.fixtures.jobs import Service
 from worker import tasks
 from worker.celery_app import app
-
-SPEC = {
-    "model": "minilm-l6", "task": "classification",
-    "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 2000,
-                                          "scoring_examples": 32}},
-    "hyperparameters": {"n_epochs": 1, "batch_size": 16, "max_length": 32, "seed": 0},
-}
-
-
-class Service:
-    """The database and storage a worker process sees, plus helpers to make rows."""
-
-    def __init__(self, sessions: sessionmaker[Session], storage: Storage, data_dir: Path) -> None:
-        self.sessions, self.storage, self.data_dir = sessions, storage, data_dir
-        with sessions() as session:
-            tenant = Tenant(name="acme")
-            session.add(tenant)
-            session.add(RegisteredModel(id="minilm-l6", task="classification", params=22_700_000))
-            session.commit()
-            self.tenant_id = tenant.id
-
-    def upload(self, name: str, lines: list[str]) -> str:
-        """Store JSONL lines as a file object and its File row; returns the file id."""
-        data = ("\n".join(lines) + "\n").encode()
-        with self.sessions() as session:
-            row = File(tenant_id=self.tenant_id, filename=name, purpose="fine-tune",
-                       bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                       storage_key="", num_examples=len(lines))
-            session.add(row)
-            session.flush()
-            row.storage_key = f"files/{row.id}.jsonl"
-            self.storage.put(row.storage_key, data)
-            session.commit()
-            return row.id
-
-    def sst2(self, split: str, count: int) -> list[str]:
-        with open(self.data_dir / "sst2" / f"{split}.jsonl", encoding="utf-8") as handle:
-            return [next(handle).rstrip("\n") for _ in range(count)]
-
-    def make_job(self, training_lines: list[str] | None = None, **spec: Any) -> str:
-        """A queued job on 64 sst2 training lines (or the given ones) and 32 dev lines; `spec`
-        adds to its stored body."""
-        training = self.upload("train.jsonl", training_lines or self.sst2("train", 64))
-        validation = self.upload("dev.jsonl", self.sst2("dev", 32))
-        with self.sessions() as session:
-            job = Job(tenant_id=self.tenant_id, model="minilm-l6", status=JobStatus.QUEUED,
-                      training_file=training, validation_file=validation,
-                      spec={**SPEC, "training_file": training, "validation_file": validation,
-                            **spec})
-            session.add(job)
-            session.commit()
-            return job.id
-
-    def job(self, job_id: str) -> Job:
-        with self.sessions() as session:
-            return session.get(Job, job_id)
-
-    def count(self, model: type, job_id: str) -> int:
-        with self.sessions() as session:
-            return session.scalar(select(func.count()).select_from(model)
-                                  .where(model.job_id == job_id))
-
-    def adapter_objects(self) -> list[Path]:
-        return sorted((Path(self.storage.root) / "adapters").glob("*"))
 
 
 @pytest.fixture
@@ -243,3 +181,57 @@ def test_success_that_loses_to_a_cancel_leaves_no_adapter_object(service, monkey
     tasks.run_job.run(job_id)
     assert service.job(job_id).status == JobStatus.CANCELLED
     assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+def test_the_heartbeat_thread_stamps_the_job_while_training_runs_between_steps(service,
+                                                                               monkeypatch):
+    monkeypatch.setenv("SPEFT_HEARTBEAT_INTERVAL_S", "0.05")
+    get_settings.cache_clear()
+    job_id = service.make_job()
+    beats = []
+
+    def slow_scoring(spec, **_):  # minutes of salience scoring: no step reports meanwhile
+        for _ in range(3):
+            time.sleep(0.2)
+            beats.append(service.job(job_id).heartbeat_at)
+        raise TrainingCancelled()
+
+    monkeypatch.setattr(tasks, "fine_tune", slow_scoring)
+    tasks.run_job.run(job_id)
+    assert beats[0] < beats[1] < beats[2], beats
+
+
+def test_a_later_attempt_that_succeeds_removes_the_killed_attempts_upload(service, monkeypatch):
+    job_id = service.make_job()
+    adapter_id = tasks.adapter_id_for(job_id)
+    with service.sessions() as session:  # attempt 1: claimed, uploaded, then the worker died
+        assert claim_job(session, job_id=job_id, worker="dead:1")
+        session.commit()
+    service.storage.put(tasks.attempt_key(adapter_id, 1), b"partial")
+    with service.sessions() as session:
+        assert requeue_stale_job(session, job_id=job_id, stale_before=utcnow(), reason="test")
+        session.commit()
+    tasks.run_job.run(job_id)  # attempt 2
+    job = service.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2
+    assert job.adapter_id == adapter_id and service.count(Adapter, job_id) == 1
+    objects = service.adapter_objects()
+    assert [p.name for p in objects] == [f"{adapter_id}.attempt-2.safetensors"]
+
+
+def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, monkeypatch):
+    monkeypatch.setenv("SPEFT_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("SPEFT_HEARTBEAT_TIMEOUT_S", "1")
+    get_settings.cache_clear()
+    job_id = service.make_job()
+    with service.sessions() as session:
+        assert claim_job(session, job_id=job_id, worker="dead:1")
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(heartbeat_at=utcnow() - timedelta(seconds=5)))
+        session.commit()
+    service.storage.put(tasks.attempt_key(tasks.adapter_id_for(job_id), 1), b"partial")
+    assert tasks.reconcile.run() == {"requeued": [], "failed": [job_id], "cancelled": [],
+                                     "resent": []}
+    job = service.job(job_id)
+    assert job.status == JobStatus.FAILED and "worker lost" in job.error_message
+    assert service.adapter_objects() == []

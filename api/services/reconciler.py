@@ -1,0 +1,104 @@
+"""The reconciler: brings back every job that a dead worker or a lost message left behind.
+
+DESIGN §6: a job, once accepted, reaches a terminal status even if a worker dies, the broker
+restarts or the API restarts. Two ways a job gets stuck, and what a sweep does about each:
+
+- its worker died (SIGKILL, OOM, machine lost): the job is `running` (or `cancel_requested`) and
+  its `heartbeat_at` is older than `heartbeat_timeout_s`. It is re-queued and sent again while it
+  has attempts left (`attempts < max_attempts`), else failed as an internal error saying why; a
+  job whose cancel was requested is cancelled.
+- its message was lost (a broker restart without persistence, an enqueue that failed after the
+  row was committed): the job is `queued` and was last sent (`enqueued_at`, else `created_at`)
+  longer than `requeue_after_s` ago. It is sent again. A duplicate message is harmless: the claim
+  is a conditional UPDATE, so only one delivery ever runs the job.
+
+Every change is one conditional UPDATE that re-checks the staleness, so a heartbeat that arrives
+during the sweep wins, and two reconcilers running at once (one per worker) never both act on a
+job. The sweep only writes; the caller commits and then sends the jobs in `Reconciled.to_send`
+("enqueue after commit", as the API does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.core.config import Settings
+from api.core.models import Job, JobStatus, utcnow
+from api.services import jobs
+
+SWEEP_LIMIT = 500  # jobs looked at per kind per sweep; the next sweep takes the rest
+
+
+@dataclass(frozen=True)
+class ReconcilePolicy:
+    """How long silence means death, and how often a job may be retried."""
+
+    heartbeat_timeout_s: float
+    requeue_after_s: float
+    max_attempts: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReconcilePolicy:
+        """SPEFT_HEARTBEAT_TIMEOUT_S, SPEFT_REQUEUE_AFTER_S and SPEFT_MAX_ATTEMPTS."""
+        return cls(heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                   requeue_after_s=settings.requeue_after_s, max_attempts=settings.max_attempts)
+
+
+@dataclass
+class Reconciled:
+    """What one sweep did, by job id; `to_send` are the jobs to send after the commit."""
+
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+    @property
+    def to_send(self) -> list[str]:
+        """Jobs whose message must be (re)sent once the sweep is committed."""
+        return self.requeued + self.resent
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed or self.cancelled or self.resent)
+
+
+def reconcile_jobs(session: Session, *, policy: ReconcilePolicy,
+                   now: datetime | None = None) -> Reconciled:
+    """One sweep over stale running jobs and unclaimed queued jobs (see the module docstring)."""
+    now = now or utcnow()
+    done = Reconciled()
+    stale_before = now - timedelta(seconds=policy.heartbeat_timeout_s)
+    stale = session.execute(
+        select(Job.id, Job.status, Job.attempts, Job.worker, Job.heartbeat_at)
+        .where(Job.status.in_(jobs.ACTIVE_STATUSES), jobs.stale_condition(stale_before))
+        .order_by(Job.heartbeat_at).limit(SWEEP_LIMIT)
+    ).all()
+    for job_id, status, attempts, worker, beat in stale:
+        silence = "never" if beat is None else f"{(now - beat).total_seconds():.0f} s ago"
+        reason = f"worker {worker or '?'} stopped heart-beating (last heartbeat {silence})"
+        if status == JobStatus.CANCEL_REQUESTED:
+            if jobs.cancel_stale_job(session, job_id=job_id, stale_before=stale_before):
+                done.cancelled.append(job_id)
+        elif attempts < policy.max_attempts:
+            if jobs.requeue_stale_job(session, job_id=job_id, stale_before=stale_before,
+                                      reason=f"{reason}; attempt {attempts + 1} of "
+                                             f"{policy.max_attempts} follows"):
+                done.requeued.append(job_id)
+        elif jobs.fail_stale_job(session, job_id=job_id, stale_before=stale_before,
+                                 reason=f"worker lost: {reason}; gave up after {attempts} "
+                                        f"attempt{'s' if attempts != 1 else ''}"):
+            done.failed.append(job_id)
+    sent_before = now - timedelta(seconds=policy.requeue_after_s)
+    unclaimed = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED,
+               func.coalesce(Job.enqueued_at, Job.created_at) < sent_before)
+        .order_by(func.coalesce(Job.enqueued_at, Job.created_at)).limit(SWEEP_LIMIT)
+    ).all()
+    for job_id in unclaimed:
+        if jobs.mark_resent(session, job_id=job_id, sent_before=sent_before):
+            done.resent.append(job_id)
+    return done

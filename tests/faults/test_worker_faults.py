@@ -1,0 +1,290 @@
+"""Faults injected into real processes: workers SIGKILLed mid-training, Redis restarted with jobs
+queued and running, 1,000 jobs created at once. Real PostgreSQL, a private Redis broker, real
+`speft worker` processes (prefork pool, embedded beat running the reconciler), real training
+(MiniLM; a tiny BERT for the 1,000 jobs), a real `speft serve` where the API is used.
+
+Recovery is sped up by settings only (heartbeat every 0.5 s, presumed dead after 4 s of silence,
+a reconciler sweep every second, queued jobs re-sent after 6 s); the code paths are the ones a
+deployment runs.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from api.core.config import Settings
+from api.core.db import make_engine, session_factory, upgrade_database
+from api.core.models import Adapter, Job, JobEvent, JobStatus, RegisteredModel, utcnow
+from api.core.storage import LocalStorage
+from api.services.job_requests import CeleryEnqueuer
+from speft_core.delta import load_delta
+from speft_core.models import load_tokenizer, resolve_model
+from tests.fixtures.jobs import Service
+from tests.fixtures.processes import RedisServer, kill, service_env, spawn_cli, stop
+from tests.fixtures.s3 import _free_port as free_port
+from worker.tasks import adapter_id_for, attempt_key
+
+pytestmark = pytest.mark.slow
+
+KILLS = 5
+TRAIN_STEPS = 12  # 192 sst2 lines at batch 16
+JOB_TIMEOUT_S = 240.0
+RECOVERY = {"SPEFT_HEARTBEAT_INTERVAL_S": "0.5", "SPEFT_HEARTBEAT_TIMEOUT_S": "4",
+            "SPEFT_RECONCILE_INTERVAL_S": "1", "SPEFT_REQUEUE_AFTER_S": "6",
+            "SPEFT_MAX_ATTEMPTS": str(KILLS + 2)}
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+@dataclass
+class Cluster:
+    """A database, a storage folder, a private Redis and the workers started on them."""
+
+    service: Service
+    redis: RedisServer
+    env: dict[str, str]
+    folder: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start_worker(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
+        """A new `speft worker` (cpu queue + control queue, embedded beat)."""
+        return self._start(f"worker-{len(self.workers)}", [
+            "worker", "--device", "cpu", "--pool", "prefork", "--loglevel", "INFO",
+            "--concurrency", str(concurrency)])
+
+    def start_api(self, port: int) -> subprocess.Popen[bytes]:
+        """`speft serve` on `port`, returned once /readyz answers 200."""
+        api = self._start("api", ["serve", "--port", str(port), "--no-access-log"])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    return api
+            except httpx.TransportError:
+                pass
+            if api.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the API did not get ready:\n{self.output()}")
+            time.sleep(0.2)
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.folder / f"{name}.log").open("wb")
+        self.logs.append(log)
+        process = spawn_cli(args, self.env, self.folder, log)
+        self.workers.append(process)
+        return process
+
+    def enqueue(self, job_id: str) -> None:
+        """Send the job's message as the API does."""
+        settings = Settings(broker_url=self.env["SPEFT_BROKER_URL"],
+                            queue_prefix=self.env["SPEFT_QUEUE_PREFIX"])
+        CeleryEnqueuer(settings)(job_id, "cpu")
+
+    def job(self, job_id: str) -> Job:
+        return self.service.job(job_id)
+
+    def output(self) -> str:
+        """The processes' logs, for failure messages."""
+        return "\n".join(f"----- {path.name} -----\n{path.read_text(errors='replace')[-6000:]}"
+                         for path in sorted(self.folder.glob("*.log")))
+
+    def wait_for(self, job_id: str, done: Callable[[Job], bool], what: str) -> Job:
+        """Poll the job until `done(job)`; fail with the logs after JOB_TIMEOUT_S."""
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            job = self.job(job_id)
+            if done(job):
+                return job
+            if time.monotonic() > deadline:
+                pytest.fail(f"{job_id} is {job.status} (attempt {job.attempts}, step "
+                            f"{job.progress_step}), not {what}, after {JOB_TIMEOUT_S:.0f}s:\n"
+                            f"{self.output()}")
+            time.sleep(0.1)
+
+    def adapter_objects(self) -> list[str]:
+        """Names of every object under adapters/ in the storage folder."""
+        return sorted(p.name for p in (self.folder / "storage" / "adapters").glob("*"))
+
+    def events(self, job_id: str, since: datetime | None = None) -> list[str]:
+        """The job's event messages, oldest first (only those from `since` on, if given)."""
+        query = select(JobEvent.message).where(JobEvent.job_id == job_id)
+        if since is not None:
+            query = query.where(JobEvent.created_at >= since)
+        with self.service.sessions() as session:
+            return list(session.scalars(query.order_by(JobEvent.id)))
+
+
+@pytest.fixture
+def cluster(empty_postgres_url: str, tmp_path: Path, data_dir: Path) -> Iterator[Cluster]:
+    """A fresh migrated PostgreSQL database, local storage, a private Redis; the processes are
+    stopped afterwards."""
+    postgres_url = empty_postgres_url
+    upgrade_database(postgres_url)
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    engine = make_engine(postgres_url)
+    storage = LocalStorage(tmp_path / "storage")
+    env = service_env(SPEFT_DATABASE_URL=postgres_url, SPEFT_BROKER_URL=redis_server.url(),
+                      SPEFT_QUEUE_PREFIX=f"faults-{uuid.uuid4().hex[:6]}-",
+                      SPEFT_STORAGE_URL=f"file://{tmp_path / 'storage'}",
+                      SPEFT_MODEL_CACHE_DIR=str(tmp_path / "model-cache"), **RECOVERY)
+    cluster = Cluster(Service(session_factory(engine), storage, data_dir), redis_server, env,
+                      tmp_path)
+    try:
+        yield cluster
+    finally:
+        for worker in cluster.workers:
+            stop(worker)
+        for log in cluster.logs:
+            log.close()
+        redis_server.kill()
+        engine.dispose()
+
+
+def _training_job(cluster: Cluster, steps: int = TRAIN_STEPS) -> str:
+    lines = cluster.service.sst2("train", 16 * steps)
+    return cluster.service.make_job(lines)
+
+
+def _running_at(step: int, attempt: int):
+    return lambda job: (job.status == JobStatus.RUNNING and job.attempts == attempt
+                        and job.progress_step >= step)
+
+
+def _assert_exactly_one_adapter(cluster: Cluster, job: Job) -> None:
+    """One adapter row, one delta object (the winning attempt's), and it verifies."""
+    with cluster.service.sessions() as session:
+        adapters = session.scalars(select(Adapter).where(Adapter.job_id == job.id)).all()
+    assert len(adapters) == 1 and adapters[0].id == job.adapter_id == adapter_id_for(job.id)
+    winning_key = attempt_key(job.adapter_id, job.attempts)
+    assert adapters[0].storage_key == winning_key
+    assert cluster.adapter_objects() == [Path(winning_key).name]
+    delta = load_delta(cluster.service.storage.get(winning_key, sha256=adapters[0].sha256))
+    assert delta.nnz == adapters[0].nnz
+
+
+def test_a_job_survives_its_worker_being_killed_five_times(cluster: Cluster) -> None:
+    """SIGKILL the whole worker (pool child and beat included) at a random step, five times;
+    each time a new worker's reconciler re-queues the job, and it ends succeeded exactly once."""
+    rng = random.Random(20261123)
+    job_id = _training_job(cluster)
+    cluster.enqueue(job_id)
+    killed_at = []
+    for attempt in range(1, KILLS + 1):
+        worker = cluster.start_worker()
+        step = rng.randint(2, TRAIN_STEPS - 2)
+        cluster.wait_for(job_id, _running_at(step, attempt), f"running attempt {attempt}")
+        kill(worker)
+        killed_at.append(cluster.job(job_id).progress_step)
+    cluster.start_worker()
+    job = cluster.wait_for(job_id, lambda j: j.status in TERMINAL, "terminal")
+    assert job.status == JobStatus.SUCCEEDED, (job.error_code, job.error_message, cluster.output())
+    assert job.attempts == KILLS + 1 and job.progress_step == TRAIN_STEPS
+    assert all(2 <= step < TRAIN_STEPS for step in killed_at), killed_at
+    _assert_exactly_one_adapter(cluster, job)
+    events = cluster.events(job_id)
+    assert sum("re-queued" in e and "stopped heart-beating" in e for e in events) == KILLS
+    assert events.count("job succeeded") == 1
+
+
+def test_no_job_stays_queued_when_redis_restarts_with_jobs_queued_and_running(
+        cluster: Cluster) -> None:
+    """Redis (no persistence) restarts while one job trains and two wait in its queue: their
+    messages are gone; the reconciler re-sends them and every job succeeds once."""
+    job_ids = [_training_job(cluster, steps=8) for _ in range(3)]
+    for job_id in job_ids:
+        cluster.enqueue(job_id)
+    cluster.start_worker()  # one pool process: one job runs, two wait in Redis
+    running = cluster.wait_for(job_ids[0], _running_at(2, 1), "running")
+    assert running.status == JobStatus.RUNNING
+    assert all(cluster.job(j).status == JobStatus.QUEUED for j in job_ids[1:])
+    restarted = utcnow()
+    cluster.redis.restart()
+    jobs = [cluster.wait_for(j, lambda job: job.status in TERMINAL, "terminal") for j in job_ids]
+    assert [j.status for j in jobs] == [JobStatus.SUCCEEDED] * 3, cluster.output()
+    with cluster.service.sessions() as session:
+        adapters = session.scalar(select(func.count()).select_from(Adapter)
+                                  .where(Adapter.job_id.in_(job_ids)))
+    assert adapters == 3 and len(cluster.adapter_objects()) == 3
+    for job_id in job_ids[1:]:  # their messages were lost with Redis: sent again after it
+        assert any("sent again" in e for e in cluster.events(job_id, since=restarted)), \
+            cluster.events(job_id)
+
+
+def _tiny_bert_folder(folder: Path) -> Path:
+    """A tiny random BERT classifier with MiniLM's tokenizer, saved as an HF folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = load_tokenizer(resolve_model("minilm-l6", "classification").path)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_thousand_jobs_created_at_once_all_end_and_the_counts_match(cluster: Cluster) -> None:
+    """1,000 jobs POSTed concurrently (32 clients) to a real API, trained by a real worker on a
+    tiny BERT for one step each: every accepted job ends succeeded, once, with one adapter."""
+    jobs_wanted = 1000
+    cluster.env.update(SPEFT_RATE_LIMIT="", SPEFT_MAX_ACTIVE_JOBS_PER_TENANT="0",
+                       SPEFT_REQUEUE_AFTER_S="60")
+    folder = _tiny_bert_folder(cluster.folder / "tiny-bert")
+    with cluster.service.sessions() as session:
+        session.add(RegisteredModel(id="tiny-bert", task="classification", params=1_000_000,
+                                    local_path=str(folder)))
+        session.commit()
+    port = free_port()
+    cluster.start_api(port)
+    base = f"http://127.0.0.1:{port}/v1"
+    by_label = {json.loads(line)["label"]: line for line in cluster.service.sst2("train", 16)}
+    training = "\n".join(by_label.values()) + "\n"  # one example of each label
+    with httpx.Client(base_url=base, timeout=60) as client:
+        uploaded = client.post("/files", data={"purpose": "fine-tune"},
+                               files={"file": ("two.jsonl", training.encode())})
+        assert uploaded.status_code == 200, uploaded.text
+        body = {"model": "tiny-bert", "training_file": uploaded.json()["id"],
+                "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 0.05,
+                                                      "scoring_examples": 2}},
+                "hyperparameters": {"n_epochs": 1, "batch_size": 2, "max_length": 16}}
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers = list(pool.map(lambda _: client.post("/fine_tuning/jobs", json=body),
+                                    range(jobs_wanted)))
+        created_s = time.monotonic() - started
+    assert [a.status_code for a in answers] == [201] * jobs_wanted, answers[0].text
+    accepted = {a.json()["id"] for a in answers}
+    cluster.start_worker(concurrency=2)
+    deadline = time.monotonic() + 600
+    while True:
+        with cluster.service.sessions() as session:
+            statuses = {status: count for status, count in session.execute(
+                select(Job.status, func.count()).where(Job.id.in_(accepted))
+                .group_by(Job.status))}
+        if sum(n for s, n in statuses.items() if s in TERMINAL) == jobs_wanted:
+            break
+        assert time.monotonic() < deadline, f"{statuses} after 600 s:\n{cluster.output()}"
+        time.sleep(1)
+    drained_s = time.monotonic() - started
+    with cluster.service.sessions() as session:
+        jobs_in_db = session.scalar(select(func.count()).select_from(Job))
+        adapters = session.scalar(select(func.count()).select_from(Adapter)
+                                  .where(Adapter.job_id.in_(accepted)))
+        ran_twice = session.scalar(select(func.count()).select_from(Job).where(Job.attempts != 1))
+    assert statuses == {JobStatus.SUCCEEDED: jobs_wanted}
+    assert jobs_in_db == len(accepted) == adapters == jobs_wanted
+    assert ran_twice == 0 and len(cluster.adapter_objects()) == jobs_wanted
+    print(f"\n{jobs_wanted} jobs: created in {created_s:.1f} s, all succeeded after "
+          f"{drained_s:.1f} s")
