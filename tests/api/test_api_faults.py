@@ -40,7 +40,7 @@ from api.errors import install_error_handlers
 from tests.api.conftest import ClientFactory
 from tests.api.test_files_api import _file_rows, _stored_keys
 from tests.fixtures.databases import database_outage
-from tests.fixtures.processes import kill, service_env, spawn_cli, stop, unavailable
+from tests.fixtures.processes import kill, service_env, spawn_cli, stop, unavailable, wait_ready
 from tests.fixtures.s3 import _free_port, moto_server
 
 DATASET = b'{"text": "a fine film", "label": "pos"}\n{"text": "a dull film", "label": "neg"}\n'
@@ -164,16 +164,7 @@ class Api:
         with (self.folder / f"serve-{self.starts}.log").open("wb") as log:
             self.process = spawn_cli(["serve", "--port", self.url.rsplit(":", 1)[1],
                                       "--no-access-log"], self.env, self.folder, log)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"speft serve did not get ready:\n{self.output()}")
-            time.sleep(0.2)
+        wait_ready(self.url, [self.process], self.output, READY_TIMEOUT_S)
 
     def output(self) -> str:
         """Every server log so far."""

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
 import pytest
 import redis
 import torch
@@ -30,9 +27,9 @@ import torch
 from api.client import SpeftClient
 from speft_core.delta import Delta, apply_delta, load_delta, merge_delta, revert_delta
 from speft_core.models import load_model, load_tokenizer, registered_models
+from tests.fixtures.processes import service_env, spawn_cli, stop, unavailable, wait_ready
 from tests.fixtures.s3 import S3_TEST_CREDENTIALS, _free_port
 
-REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 180.0
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -61,13 +58,6 @@ class Stack:
         return "\n".join(parts)
 
 
-def _unavailable(message: str) -> None:
-    """Fail in CI, skip elsewhere."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true: the service is required)")
-    pytest.skip(message)
-
-
 def _redis_up() -> bool:
     try:
         return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
@@ -75,21 +65,13 @@ def _redis_up() -> bool:
         return False
 
 
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEFT_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(SPEFT_MODELS_DIR="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def _production_env(request: pytest.FixtureRequest, queue: str) -> dict[str, str]:
     if not _redis_up():
-        _unavailable("Redis is not reachable on 127.0.0.1:6379")
+        unavailable("Redis is not reachable on 127.0.0.1:6379")
     database_url = request.getfixturevalue("postgres_url")  # skips/fails itself when down
     endpoint = request.getfixturevalue("s3_endpoint")
     storage_url = request.getfixturevalue("s3_storage_url")
-    env = _base_env()
+    env = service_env()
     env.update(S3_TEST_CREDENTIALS)
     env.update(SPEFT_DATABASE_URL=database_url,
                SPEFT_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
@@ -99,46 +81,12 @@ def _production_env(request: pytest.FixtureRequest, queue: str) -> dict[str, str
 
 
 def _embedded_env(tmp: Path, queue: str) -> dict[str, str]:
-    env = _base_env()
+    env = service_env()
     env.update(SPEFT_DATABASE_URL=f"sqlite:///{tmp / 'db' / 'speft.db'}",
                SPEFT_STORAGE_URL=f"file://{tmp / 'storage'}", SPEFT_BROKER_URL="",
                SPEFT_QUEUE_PREFIX=f"{queue}-", SPEFT_API_KEYS="")
     (tmp / "db").mkdir()
     return env
-
-
-def _spawn(args: list[str], env: dict[str, str], cwd: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=cwd, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _wait_ready(stack: Stack) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer"
-    while True:
-        for name, process in stack.processes.items():
-            if process.poll() is not None:
-                pytest.fail(f"{name} exited early:\n{stack.output()}")
-        try:
-            response = httpx.get(f"{stack.url}/readyz", timeout=2)
-            if response.status_code == 200:
-                return
-            last = f"{response.status_code} {response.text[:300]}"
-        except httpx.TransportError as err:
-            last = repr(err)
-        if time.monotonic() > deadline:
-            pytest.fail(f"/readyz not 200 after {READY_TIMEOUT_S:.0f}s ({last}):\n{stack.output()}")
-        time.sleep(0.25)
 
 
 @pytest.fixture(params=["production", "embedded"])
@@ -155,16 +103,16 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     processes: dict[str, subprocess.Popen[bytes]] = {}
     stack = Stack(f"http://127.0.0.1:{port}", api_key, processes, logs)
     try:
-        processes["serve"] = _spawn(["serve", "--port", str(port)], env, tmp_path,
+        processes["serve"] = spawn_cli(["serve", "--port", str(port)], env, tmp_path,
                                     handles["serve"])
         # The API migrates the database at startup; the worker starts once it answers.
-        _wait_ready(stack)
-        processes["worker"] = _spawn(["worker", "--device", "cpu", "--loglevel", "WARNING"],
+        wait_ready(stack.url, list(processes.values()), stack.output, READY_TIMEOUT_S)
+        processes["worker"] = spawn_cli(["worker", "--device", "cpu", "--loglevel", "WARNING"],
                                      env, tmp_path, handles["worker"])
         yield stack
     finally:
         for process in reversed(list(processes.values())):
-            _stop(process)
+            stop(process)
         for handle in handles.values():
             handle.close()
         if request.param == "production":  # the queue's kombu keys, left in Redis by Celery

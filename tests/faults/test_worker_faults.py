@@ -33,7 +33,14 @@ from api.services.job_requests import CeleryEnqueuer
 from speft_core.delta import load_delta
 from speft_core.models import load_tokenizer, resolve_model
 from tests.fixtures.jobs import Service
-from tests.fixtures.processes import RedisServer, kill, service_env, spawn_cli, stop
+from tests.fixtures.processes import (
+    RedisServer,
+    kill,
+    service_env,
+    spawn_cli,
+    stop,
+    wait_ready,
+)
 from tests.fixtures.s3 import _free_port as free_port
 from worker.tasks import adapter_id_for, attempt_key
 
@@ -68,16 +75,8 @@ class Cluster:
     def start_api(self, port: int) -> subprocess.Popen[bytes]:
         """`speft serve` on `port`, returned once /readyz answers 200."""
         api = self._start("api", ["serve", "--port", str(port), "--no-access-log"])
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    return api
-            except httpx.TransportError:
-                pass
-            if api.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the API did not get ready:\n{self.output()}")
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", [api], self.output)
+        return api
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.folder / f"{name}.log").open("wb")
