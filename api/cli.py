@@ -499,11 +499,11 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="the tenant the key acts as (created if missing)")],
 ) -> None:
     """Make a new API key for a tenant; the key is printed this once (only its hash is stored)."""
-    from api.services.tenants import create_api_key, has_active_keys
+    from api.services.tenants import create_api_key, is_open_mode
 
     settings = load_settings()
     with admin_errors(), database_session(settings) as session:
-        first = settings.open_mode and not has_active_keys(session)
+        first = is_open_mode(session, settings=settings)
         row, key = create_api_key(session, tenant_name=tenant)
     console.print(f"created {row.id} (prefix {row.prefix}) for tenant {tenant}; the key is "
                   "shown only now: store it", highlight=False)

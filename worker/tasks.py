@@ -42,7 +42,7 @@ from api.core.config import get_settings
 from api.core.db import get_session_factory
 from api.core.models import File, Job
 from api.core.storage import Storage, open_storage
-from api.services.job_requests import CeleryEnqueuer
+from api.services.job_requests import CeleryEnqueuer, job_device
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
@@ -262,13 +262,14 @@ def reconcile() -> dict[str, list[str]]:
         session.commit()
         if not done:
             return {}
-        sends = session.execute(select(Job.id, Job.spec).where(Job.id.in_(done.to_send))).all()
+        sends = [(job.id, job_device(job)) for job in
+                 session.scalars(select(Job).where(Job.id.in_(done.to_send)))]
         given_up = session.execute(select(Job.id, Job.attempts)
                                    .where(Job.id.in_(done.failed + done.cancelled))).all()
         session.commit()
     enqueue = CeleryEnqueuer(settings, celery=app)
-    for job_id, spec in sends:
-        enqueue(job_id, spec.get("device", "cpu"))
+    for job_id, device in sends:
+        enqueue(job_id, device)
     for job_id, attempts in given_up:
         delete_attempt_objects(get_storage(), adapter_id_for(job_id), range(1, attempts + 1))
     log.warning("speft.reconcile requeued=%s failed=%s cancelled=%s resent=%s",

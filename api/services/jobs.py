@@ -77,6 +77,10 @@ def _lease(attempt: int | None) -> list[ColumnElement[bool]]:
     return [] if attempt is None else [Job.attempts == attempt]
 
 
+# When a job's message was last sent: by the reconciler (`enqueued_at`), else at creation.
+LAST_SENT_AT = func.coalesce(Job.enqueued_at, Job.created_at)
+
+
 def stale_condition(stale_before: datetime) -> ColumnElement[bool]:
     """The condition that the job's worker has not heart-beaten since `stale_before`."""
     return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)
@@ -170,7 +174,7 @@ def mark_resent(session: Session, *, job_id: str, sent_before: datetime) -> bool
     taken = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED,
-               func.coalesce(Job.enqueued_at, Job.created_at) < sent_before)
+               LAST_SENT_AT < sent_before)
         .values(enqueued_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount == 1

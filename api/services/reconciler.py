@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
@@ -94,9 +94,8 @@ def reconcile_jobs(session: Session, *, policy: ReconcilePolicy,
     sent_before = now - timedelta(seconds=policy.requeue_after_s)
     unclaimed = session.scalars(
         select(Job.id)
-        .where(Job.status == JobStatus.QUEUED,
-               func.coalesce(Job.enqueued_at, Job.created_at) < sent_before)
-        .order_by(func.coalesce(Job.enqueued_at, Job.created_at)).limit(SWEEP_LIMIT)
+        .where(Job.status == JobStatus.QUEUED, jobs.LAST_SENT_AT < sent_before)
+        .order_by(jobs.LAST_SENT_AT).limit(SWEEP_LIMIT)
     ).all()
     for job_id in unclaimed:
         if jobs.mark_resent(session, job_id=job_id, sent_before=sent_before):
