@@ -43,6 +43,7 @@ import aiohttp
 import httpx
 import psycopg
 import redis
+from probes import machine_info  # bench/probes.py
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -229,11 +230,11 @@ def main() -> None:
             server.wait(timeout=30)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(),
-                    "server": f"speft serve ({args.workers} uvicorn process(es)), "
-                              + ("SQLite, embedded broker" if args.backend == "embedded"
-                                 else "PostgreSQL, Redis broker")
-                              + ", local storage; load generator on the same machine"},
+        "machine": machine_info(
+            libraries=(), server=f"speft serve ({args.workers} uvicorn process(es)), "
+            + ("SQLite, embedded broker" if args.backend == "embedded"
+               else "PostgreSQL, Redis broker")
+            + ", local storage; load generator on the same machine"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "create": create, "poll": poll, "paced_create": paced,
         "targets": {"create_p99_ms_le": TARGET_CREATE_P99_MS, "polls_per_s_ge": TARGET_POLLS_PER_S},

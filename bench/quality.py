@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import start_run
-from train_step import MemoryProbe, machine_info
+from probes import MemoryProbe, machine_info
 
 from speft_core import data as datasets
 from speft_core.config import SpeftConfig, TrainConfig
@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start_run(args.threads)
     started = time.perf_counter()
     chosen = [m for m in methods(args.quick) if not args.methods or m.name in args.methods]
-    report: dict[str, Any] = {"machine": machine_info(args, torch.get_num_threads()),
+    report: dict[str, Any] = {"machine": machine_info(args),
                               "command": " ".join(["bench/quality.py", *(argv or sys.argv[1:])])}
     limit = args.eval_limit or None
     source = resolve_model(args.model, args.task)

@@ -34,13 +34,10 @@ Usage:  .venv/bin/python bench/serve.py [--quick] [--density 0.01] [--out bench/
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -62,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import start_run  # bench/common.py
+from probes import MIB, LoadProbe, machine_info  # bench/probes.py
 
 from speft_core.delta import delta_to_bytes
 from speft_core.models import bundled_minilm_path, load_model, load_tokenizer
@@ -78,7 +76,6 @@ log = logging.getLogger("bench.serve")
 DEFAULT_OUT = REPO / "bench" / "results" / "serve.json"
 LABELS = ("negative", "positive")
 SEED = 0
-MIB = 2**20
 TARGET_SWAP_MS = 1.0  # apply + restore, MiniLM at 1 %
 TARGET_COLD_LOAD_MS = 50.0  # median cold load
 TARGET_MIXED_RATIO = 0.8  # mixed batch of 8 adapters vs base-only
@@ -90,51 +87,6 @@ PROMPTS = (
     "Once there was a kind old man", "The happy frog jumped", "Lucy and her friend",
     "It was a rainy day and",
 )
-
-
-# --- machine and load probes ---------------------------------------------------------------
-
-
-def system_busy_seconds() -> float:
-    """CPU-seconds all processes on the machine have been busy since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:9]]
-    except OSError:
-        return 0.0
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-class LoadProbe:
-    """Average cores other processes used since construction."""
-
-    def __init__(self) -> None:
-        self.wall, self.own, self.busy = (time.perf_counter(), time.process_time(),
-                                          system_busy_seconds())
-
-    def other_cores(self) -> float:
-        """Cores busy for everything but this process, averaged over the wall time."""
-        wall = time.perf_counter() - self.wall
-        own = time.process_time() - self.own
-        return max(0.0, system_busy_seconds() - self.busy - own) / wall if wall else 0.0
-
-
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    """CPU, cores, library versions, threads, date and arguments."""
-    import transformers
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                    if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
 
 
 def median(values: Sequence[float]) -> float:

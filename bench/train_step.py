@@ -42,13 +42,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import gc
 import json
 import logging
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,6 +62,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 from common import start_run  # bench/common.py
+from probes import LoadProbe, MemoryProbe, machine_info  # bench/probes.py
 from torch import nn
 
 log = logging.getLogger("bench.train_step")
@@ -82,7 +79,6 @@ LEARNING_RATE = 1e-5
 LORA_R8 = 8
 HEAD = "classifier"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_step.json"
-MIB = 2**20
 # A step counts as quiet when other processes used less than this many cores meanwhile.
 QUIET_CORES = 0.2
 
@@ -295,108 +291,6 @@ SETUPS: dict[str, Callable[[nn.Module, Mapping[str, Any]], Prepared]] = {
 }
 
 
-# --- memory probes -------------------------------------------------------------------------
-
-
-def current_rss() -> int:
-    """Resident set size now, in bytes (/proc/self/statm, second field)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def ru_maxrss() -> int:
-    """getrusage's peak RSS in bytes (kilobytes on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def vm_hwm() -> int | None:
-    """VmHWM (the resettable RSS high-water mark) in bytes, None where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class MemoryProbe:
-    """Peak memory increase over a baseline taken at `start()`, per device kind."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.baseline = 0
-        self.maxrss_before = 0
-        self.hwm_reset = False
-
-    def start(self) -> None:
-        """Take the baseline and reset the high-water marks."""
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return
-        self.baseline = current_rss()
-        self.maxrss_before = ru_maxrss()
-        self.hwm_reset = reset_hwm()
-
-    def result(self) -> dict[str, Any]:
-        """Peak increase in MiB, with the cross-checks and whether the figure is trustworthy."""
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - self.baseline
-            return {"peak_mem_mib": peak / MIB, "peak_mem_source": "cuda.max_memory_allocated",
-                    "peak_mem_reliable": True}
-        hwm = vm_hwm()
-        maxrss_increase = (ru_maxrss() - self.baseline) / MIB
-        if self.hwm_reset and hwm is not None:
-            peak, source, reliable = (hwm - self.baseline) / MIB, "VmHWM (reset)", True
-        else:
-            peak, source = maxrss_increase, "ru_maxrss"
-            reliable = self.maxrss_before <= self.baseline
-        return {"peak_mem_mib": peak, "peak_mem_source": source, "peak_mem_reliable": reliable,
-                "ru_maxrss_increase_mib": maxrss_increase, "baseline_rss_mib": self.baseline / MIB}
-
-
-# --- contention: how busy the machine was with other processes while we timed -------------
-
-
-def system_busy_seconds() -> float:
-    """CPU-seconds all processes on the machine have been busy since boot (/proc/stat)."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:9]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class LoadProbe:
-    """Cores used by this process and by everything else since construction (wall average)."""
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.own = time.process_time()
-        self.busy = system_busy_seconds()
-
-    def result(self) -> dict[str, float]:
-        """Average cores busy for us (`own_cores`) and for other processes (`other_cores`)."""
-        wall = time.perf_counter() - self.wall
-        own = time.process_time() - self.own
-        busy = system_busy_seconds() - self.busy
-        return {"own_cores": own / wall, "other_cores": max(0.0, busy - own) / wall}
-
-
 # --- one training step ---------------------------------------------------------------------
 
 
@@ -600,32 +494,6 @@ def evaluate_targets(results: Mapping[str, Mapping[str, Any]],
     return out
 
 
-def machine_info(args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
-    """CPU model, core count, library versions, thread count, date and arguments."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                    if line.startswith("model name")), cpu)
-    import peft
-    import transformers
-
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "args": {k: v for k, v in vars(args).items() if k not in ("method", "json", "masks")},
-    }
-    if args.device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The results table and the target verdicts, as markdown."""
     results = report["results"]
@@ -669,7 +537,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 runs[method].append(run)
     results = {m: aggregate(runs[m]) for m in methods}
     threads = next(iter(results.values())).get("threads")
-    return {"machine": machine_info(args, threads), "masks": mask_stats, "results": results,
+    return {"machine": machine_info(args, threads=threads), "masks": mask_stats, "results": results,
             "targets": evaluate_targets(results),
             "targets_quiet": evaluate_targets(results, "step_ms_quiet"), "raw": runs}
 
