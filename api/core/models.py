@@ -265,6 +265,51 @@ class Job(Base):
     events: Mapped[list[JobEvent]] = relationship(order_by="JobEvent.id", viewonly=True)
     metrics: Mapped[list[JobMetric]] = relationship(order_by="JobMetric.id", viewonly=True)
 
+    # Public fields derived from the stored body and the columns (read by the Job schema).
+    @property
+    def task(self) -> str:
+        """The task the job trains for (resolved and stored at creation)."""
+        return self.spec.get("task", "classification")
+
+    @property
+    def device(self) -> str:
+        """The device kind the job trains on, also its queue (jobs stored before devices existed
+        ran on the CPU)."""
+        return self.spec.get("device", "cpu")
+
+    @property
+    def method(self) -> dict[str, Any]:
+        """The stored `method` body."""
+        return self.spec.get("method", {})
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The stored `hyperparameters` body."""
+        return self.spec.get("hyperparameters", {})
+
+    @property
+    def suffix(self) -> str | None:
+        """The stored `suffix`."""
+        return self.spec.get("suffix")
+
+    @property
+    def spec_metadata(self) -> dict[str, str]:
+        """The stored `metadata` body (`metadata` itself is SQLAlchemy's)."""
+        return self.spec.get("metadata") or {}
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """Why the job failed (code, message, param); None unless it failed with a code."""
+        if self.status != JobStatus.FAILED or not self.error_code:
+            return None
+        return {"code": self.error_code, "message": self.error_message or "",
+                "param": self.error_param}
+
+    @property
+    def progress(self) -> dict[str, int | None]:
+        """Optimizer steps done and planned."""
+        return {"step": self.progress_step, "total_steps": self.progress_total}
+
 
 class JobEvent(Base):
     """One line of a job's event log (`GET …/jobs/{id}/events`), ordered by `id`."""

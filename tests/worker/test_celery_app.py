@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from api.core.config import Settings
-from worker.celery_app import broker_url, create_celery
+from api.core.queue import broker_url
+from worker.celery_app import create_celery
 
 REPO = Path(__file__).resolve().parents[2]
 
