@@ -148,13 +148,13 @@ def worker(
         console.print(f"[red]error (--device):[/red] {err}")
         raise typer.Exit(code=2) from err
     queues = queues or ",".join(settings.queue_for(kind) for kind in kinds)
-    from worker.celery_app import app as celery_app
+    from api.core.queue import run_worker
 
     # Every worker also consumes the control queue and embeds a beat that schedules the
     # reconciler there (sweeps are idempotent, so one per worker is harmless).
     queues = f"{queues},{settings.control_queue}"
     schedule = Path(tempfile.gettempdir()) / f"speft-beat-{os.getpid()}"
-    celery_app.worker_main(["worker", f"--queues={queues}",
+    run_worker(["worker", f"--queues={queues}",
                             f"--concurrency={concurrency}", f"--pool={pool}",
                             f"--loglevel={loglevel}", "--beat", f"--schedule={schedule}"])
 

@@ -11,13 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.core.config import Settings, get_settings
 from api.core.db import engine_for, session_factory, upgrade_database
+from api.core.queue import CeleryEnqueuer
 from api.core.storage import Storage, StorageUnavailable, open_storage
 from api.errors import install_error_handlers
 from api.observability import AdapterCacheCollector, InferenceMetrics, install_metrics
 from api.routes import adapters, files, health, jobs, models
 from api.routes import inference as inference_routes
 from api.services import inference, tenants
-from api.services.job_requests import CeleryEnqueuer
 from api.services.models import register_builtin_models
 from api.services.quotas import TenantRateLimiter
 

@@ -1,65 +1,23 @@
-"""The Celery app: Redis in production, an embedded SQLite-backed transport by default.
-
-Reliability settings (STYLE.md, Sentry/Superset practice): tasks are acknowledged only after
-they finish (`acks_late`) and re-queued if the worker process dies (`reject_on_worker_lost`);
-each worker reserves one message at a time (prefetch 1); job state lives in the database,
-never in a result backend; the DB pool is disposed after fork so children never share sockets.
-"""
+"""The consuming Celery app: `api.core.queue`'s configured app plus the tasks, the reconciler's
+beat schedule and the DB pool disposal after fork (children never share sockets)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from celery import Celery
 from celery.signals import worker_process_init
-from sqlalchemy.engine import make_url
 
 from api.core.config import Settings, get_settings
-
-REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
-
-
-def embedded_broker_url(settings: Settings) -> str:
-    """kombu's SQLAlchemy transport on a SQLite file beside the database (or in ./var)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folder = Path(url.database).expanduser().resolve().parent
-    else:
-        folder = Path("var").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqla+sqlite:///{folder / 'broker.sqlite'}"
-
-
-def broker_url(settings: Settings) -> str:
-    """SPEFT_BROKER_URL, or the embedded transport when it is unset."""
-    return settings.broker_url or embedded_broker_url(settings)
+from api.core.queue import RECONCILE_TASK, configured_celery
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from settings (tests pass their own)."""
+    """The worker's app: worker.tasks included, the reconciler scheduled (tests pass settings)."""
     settings = settings or get_settings()
-    url = broker_url(settings)
-    app = Celery("speft", broker=url, include=["worker.tasks"])
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=settings.queue_for(settings.default_device),
-        task_ignore_result=True,
-        result_backend=None,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-    )
+    app = configured_celery(settings, include=["worker.tasks"])
     # The reconciler (worker.tasks.reconcile), sent by the beat each worker embeds to the control
     # queue every worker reads; a sweep nobody picked up in time expires instead of piling up.
     app.conf.beat_schedule = {"speft-reconcile": {
-        "task": "speft.reconcile", "schedule": settings.reconcile_interval_s,
+        "task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s,
         "options": {"queue": settings.control_queue, "expires": settings.reconcile_interval_s}}}
-    if url.startswith(("redis://", "rediss://")):
-        # An unacknowledged job message comes back only after this long: longer than a job.
-        app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
     return app
 
 

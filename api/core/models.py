@@ -1,4 +1,4 @@
-"""The service's tables as SQLAlchemy 2 typed declarative models, and the atomic job transition.
+"""The service's tables as SQLAlchemy 2 typed declarative models.
 
 Schema decisions (the migrations in `migrations/versions/` create exactly this):
 - Ids are strings with an OpenAI-style prefix made in Python (`file-…`, `ftjob-…`, `adapter-…`);
@@ -6,8 +6,8 @@ Schema decisions (the migrations in `migrations/versions/` create exactly this):
 - Timestamps are timezone-aware UTC on both databases (`UTCDateTime`); rows are soft-deleted
   (`deleted_at`) where the API has DELETE, so job → file/adapter links never dangle.
 - Job status is a `JobStatus` value in a VARCHAR (no CHECK: a new status needs no migration;
-  unknown strings are refused on flush); it changes through `transition_job`, one conditional
-  UPDATE, so two workers cannot both claim one job.
+  unknown strings are refused on flush); it changes through `api.services.jobs.transition_job`,
+  one conditional UPDATE, so two workers cannot both claim one job.
 - The base-model class is `RegisteredModel` (table `base_models`), not to shadow pydantic's name.
 - `job_metrics` holds one row per reported training step (`kind="train"`: train_loss, lr,
   grad_norm) and one per evaluation (`kind="eval"`: eval_loss, eval_accuracy), unique on
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -29,7 +28,6 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
-    ColumnElement,
     DateTime,
     Dialect,
     Enum,
@@ -41,10 +39,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 ID_LENGTH = 64
@@ -265,6 +262,51 @@ class Job(Base):
     events: Mapped[list[JobEvent]] = relationship(order_by="JobEvent.id", viewonly=True)
     metrics: Mapped[list[JobMetric]] = relationship(order_by="JobMetric.id", viewonly=True)
 
+    # Public fields derived from the stored body and the columns (read by the Job schema).
+    @property
+    def task(self) -> str:
+        """The task the job trains for (resolved and stored at creation)."""
+        return self.spec.get("task", "classification")
+
+    @property
+    def device(self) -> str:
+        """The device kind the job trains on, also its queue (jobs stored before devices existed
+        ran on the CPU)."""
+        return self.spec.get("device", "cpu")
+
+    @property
+    def method(self) -> dict[str, Any]:
+        """The stored `method` body."""
+        return self.spec.get("method", {})
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The stored `hyperparameters` body."""
+        return self.spec.get("hyperparameters", {})
+
+    @property
+    def suffix(self) -> str | None:
+        """The stored `suffix`."""
+        return self.spec.get("suffix")
+
+    @property
+    def spec_metadata(self) -> dict[str, str]:
+        """The stored `metadata` body (`metadata` itself is SQLAlchemy's)."""
+        return self.spec.get("metadata") or {}
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """Why the job failed (code, message, param); None unless it failed with a code."""
+        if self.status != JobStatus.FAILED or not self.error_code:
+            return None
+        return {"code": self.error_code, "message": self.error_message or "",
+                "param": self.error_param}
+
+    @property
+    def progress(self) -> dict[str, int | None]:
+        """Optimizer steps done and planned."""
+        return {"step": self.progress_step, "total_steps": self.progress_total}
+
 
 class JobEvent(Base):
     """One line of a job's event log (`GET …/jobs/{id}/events`), ordered by `id`."""
@@ -323,41 +365,3 @@ class Adapter(Base):
 
     job: Mapped[Job] = relationship()
 
-
-def transition_job(
-    session: Session,
-    job_id: str,
-    *,
-    from_statuses: Iterable[JobStatus],
-    to_status: JobStatus,
-    when: Iterable[ColumnElement[bool]] = (),
-    **fields: Any,
-) -> bool:
-    """Move a job to `to_status` only if it is in one of `from_statuses` (and every condition in
-    `when` holds); True if this call did.
-
-    One conditional `UPDATE jobs SET status=:to, <fields> WHERE id=:id AND status IN (:from…)`:
-    the database serialises concurrent callers, so of two workers claiming one queued job exactly
-    one sees True. `fields` are further columns to set in the same statement (values or SQL
-    expressions, e.g. `attempts=Job.attempts + 1`). The caller commits; a loaded `Job` object is
-    expired so it rereads the row.
-    """
-    allowed = [JobStatus(status) for status in from_statuses]
-    if not allowed:
-        raise ValueError("from_statuses must name at least one status")
-    if "status" in fields:
-        raise TypeError("pass the new status as to_status, not as a field")
-    unknown = sorted(set(fields) - set(Job.__table__.columns.keys()))
-    if unknown:
-        raise TypeError(f"jobs has no column {unknown[0]!r}")
-    statement = (
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(allowed), *when)
-        .values(status=JobStatus(to_status), **fields)
-        .execution_options(synchronize_session=False)
-    )
-    changed = session.execute(statement).rowcount == 1
-    loaded = session.identity_map.get(session.identity_key(Job, job_id))  # type: ignore[arg-type]
-    if loaded is not None:
-        session.expire(loaded)
-    return changed

@@ -7,9 +7,8 @@ from fastapi.responses import StreamingResponse
 from api.deps import SessionDep, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.routes import DOWNLOAD_RESPONSE, download_response
-from api.schemas import AdapterDeleted, AdapterList, AdapterObject
+from api.schemas.adapters import AdapterDeleted, AdapterList, AdapterObject
 from api.services import adapters
-from api.services.adapters import adapter_object
 
 router = APIRouter(prefix="/adapters", tags=["adapters"],
                    responses=error_responses(*COMMON_ERRORS))
@@ -19,14 +18,14 @@ router = APIRouter(prefix="/adapters", tags=["adapters"],
 def list_adapters(session: SessionDep, tenant: TenantDep) -> AdapterList:
     """The tenant's adapters, newest first."""
     rows = adapters.list_adapters(session, tenant_id=tenant.id)
-    return AdapterList(data=[adapter_object(row) for row in rows])
+    return AdapterList(data=[AdapterObject.model_validate(row) for row in rows])
 
 
 @router.get("/{adapter_id}", response_model=AdapterObject, responses=error_responses(404))
 def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> AdapterObject:
     """One adapter's metadata."""
-    return adapter_object(adapters.get_adapter(session, tenant_id=tenant.id,
-                                               adapter_id=adapter_id))
+    return AdapterObject.model_validate(adapters.get_adapter(session, tenant_id=tenant.id,
+                                                             adapter_id=adapter_id))
 
 
 @router.get("/{adapter_id}/content", response_class=StreamingResponse,

@@ -6,21 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api.core.models import File
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.routes import DOWNLOAD_RESPONSE, download_response
-from api.schemas import FileDeleted, FileList, FileObject
+from api.schemas.files import FileDeleted, FileList, FileObject
 from api.services import files
 
 router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
-
-
-def file_object(row: File) -> FileObject:
-    """The public view of a file."""
-    return FileObject(id=row.id, bytes=row.bytes, filename=row.filename, purpose=row.purpose,
-                      created_at=int(row.created_at.timestamp()), sha256=row.sha256,
-                      num_examples=row.num_examples, task=row.task)
 
 
 @router.post("", response_model=FileObject, responses=error_responses(413))
@@ -38,19 +30,21 @@ def upload_file(
         purpose=purpose, data=file.file, max_bytes=settings.max_upload_bytes,
         max_lines=settings.max_file_lines,
     )
-    return file_object(row)
+    return FileObject.model_validate(row)
 
 
 @router.get("", response_model=FileList)
 def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
     """The tenant's files, newest first."""
-    return FileList(data=[file_object(row) for row in files.list_files(session, tenant_id=tenant.id)])
+    rows = files.list_files(session, tenant_id=tenant.id)
+    return FileList(data=[FileObject.model_validate(row) for row in rows])
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
     """One file's metadata."""
-    return file_object(files.get_file(session, tenant_id=tenant.id, file_id=file_id))
+    return FileObject.model_validate(files.get_file(session, tenant_id=tenant.id,
+                                                    file_id=file_id))
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.errors import ServiceUnavailable, error_body
-from api.schemas import Readiness, ReadinessFailure
+from api.schemas.health import Readiness, ReadinessFailure
 
 router = APIRouter(tags=["health"])
 NOT_CONFIGURED = "not configured"

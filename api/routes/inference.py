@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from api.core.models import Adapter, Tenant, new_id
 from api.deps import SessionDep, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_body, error_responses
-from api.schemas import (
+from api.schemas.inference import (
     ClassificationCreate,
     ClassificationResponse,
     ClassificationResult,

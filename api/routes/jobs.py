@@ -8,9 +8,8 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from api.core.models import JobStatus
 from api.deps import SessionDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
-from api.schemas import JobCreate, JobEventList, JobList, JobMetricList, JobObject
-from api.services import job_requests, quotas
-from api.services.job_requests import event_object, job_object
+from api.schemas.jobs import JobCreate, JobEvent, JobEventList, JobList, JobMetricList, JobObject
+from api.services import job_creation, job_reads, quotas
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"],
                    responses=error_responses(*COMMON_ERRORS))
@@ -38,17 +37,17 @@ def create_job(
     still exists and stays queued with an "enqueue failed" event, and the answer is still 201:
     a 2xx means the job exists, and a reconciler re-enqueues queued jobs later.
     """
-    job, created = job_requests.create_job(
+    job, created = job_creation.create_job(
         session, tenant_id=tenant.id, body=body, idempotency_key=idempotency_key,
         default_device=request.app.state.settings.default_device)
     if not created:
         response.status_code = status.HTTP_200_OK
-        return job_object(job)
+        return JobObject.model_validate(job)
     quotas.check_active_jobs(session, tenant_id=tenant.id,  # 429 rolls the insert back
                              limit=request.app.state.settings.max_active_jobs_per_tenant)
     session.commit()
-    job_requests.enqueue_created_job(session, enqueue=request.app.state.enqueue_job, job=job)
-    return job_object(job)
+    job_creation.enqueue_created_job(session, enqueue=request.app.state.enqueue_job, job=job)
+    return JobObject.model_validate(job)
 
 
 @router.get("", response_model=JobList)
@@ -60,32 +59,34 @@ def list_jobs(
     status: JobStatus | None = None,
 ) -> JobList:
     """The tenant's jobs, newest first; pass the last id as `after` for the next page."""
-    rows, has_more = job_requests.list_jobs(session, tenant_id=tenant.id, limit=limit,
-                                            after=after, status=status)
-    return JobList(data=[job_object(row) for row in rows], has_more=has_more)
+    rows, has_more = job_reads.list_jobs(session, tenant_id=tenant.id, limit=limit,
+                                         after=after, status=status)
+    return JobList(data=[JobObject.model_validate(row) for row in rows], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
     """One job."""
-    return job_object(job_requests.get_job(session, tenant_id=tenant.id, job_id=job_id))
+    return JobObject.model_validate(job_reads.get_job(session, tenant_id=tenant.id,
+                                                      job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
     """Cancel a job: at once if not started, else `cancel_requested`; 409 if already finished."""
-    return job_object(job_requests.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
+    return JobObject.model_validate(job_reads.cancel_job(session, tenant_id=tenant.id,
+                                                         job_id=job_id))
 
 
 @router.get("/{job_id}/events", response_model=JobEventList, responses=error_responses(404))
 def list_job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventList:
     """The job's events, oldest first."""
-    rows = job_requests.list_events(session, tenant_id=tenant.id, job_id=job_id)
-    return JobEventList(data=[event_object(row) for row in rows])
+    rows = job_reads.list_events(session, tenant_id=tenant.id, job_id=job_id)
+    return JobEventList(data=[JobEvent.model_validate(row) for row in rows])
 
 
 @router.get("/{job_id}/metrics", response_model=JobMetricList, responses=error_responses(404))
 def list_job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> JobMetricList:
     """The job's metrics, one row per step (train and eval values merged)."""
-    return JobMetricList(data=job_requests.list_metrics(session, tenant_id=tenant.id,
-                                                        job_id=job_id))
+    return JobMetricList(data=job_reads.list_metrics(session, tenant_id=tenant.id,
+                                                     job_id=job_id))

@@ -7,7 +7,6 @@ from sqlalchemy.orm import Session
 
 from api.core.models import Adapter
 from api.core.storage import Storage
-from api.schemas import AdapterObject
 from api.services import stored_objects
 
 
@@ -35,10 +34,3 @@ def delete_adapter(session: Session, *, storage: Storage, tenant_id: str,
     row = get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
     return stored_objects.soft_delete(session, storage, row)
 
-
-def adapter_object(row: Adapter) -> AdapterObject:
-    """The public view of an adapter."""
-    return AdapterObject(id=row.id, job_id=row.job_id, base_model=row.base_model, nnz=row.nnz,
-                         density=row.density, metric=row.metric, bytes=row.bytes,
-                         sha256=row.sha256, eval=row.eval or {},
-                         created_at=int(row.created_at.timestamp()))

@@ -18,6 +18,7 @@ touch a job that was re-queued and claimed again.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -33,7 +34,6 @@ from api.core.models import (
     JobMetric,
     JobStatus,
     MetricKind,
-    transition_job,
     utcnow,
 )
 
@@ -70,6 +70,45 @@ def add_events(session: Session, *, job_id: str, events: list[dict[str, Any]]) -
     session.execute(insert(JobEvent), [
         {"job_id": job_id, "level": "info", "type": EVENT_MESSAGE, "data": None,
          "created_at": utcnow(), **event} for event in events])
+
+
+def transition_job(
+    session: Session,
+    job_id: str,
+    *,
+    from_statuses: Iterable[JobStatus],
+    to_status: JobStatus,
+    when: Iterable[ColumnElement[bool]] = (),
+    **fields: Any,
+) -> bool:
+    """Move a job to `to_status` only if it is in one of `from_statuses` (and every condition in
+    `when` holds); True if this call did.
+
+    One conditional `UPDATE jobs SET status=:to, <fields> WHERE id=:id AND status IN (:from…)`:
+    the database serialises concurrent callers, so of two workers claiming one queued job exactly
+    one sees True. `fields` are further columns to set in the same statement (values or SQL
+    expressions, e.g. `attempts=Job.attempts + 1`). The caller commits; a loaded `Job` object is
+    expired so it rereads the row.
+    """
+    allowed = [JobStatus(status) for status in from_statuses]
+    if not allowed:
+        raise ValueError("from_statuses must name at least one status")
+    if "status" in fields:
+        raise TypeError("pass the new status as to_status, not as a field")
+    unknown = sorted(set(fields) - set(Job.__table__.columns.keys()))
+    if unknown:
+        raise TypeError(f"jobs has no column {unknown[0]!r}")
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(allowed), *when)
+        .values(status=JobStatus(to_status), **fields)
+        .execution_options(synchronize_session=False)
+    )
+    changed = session.execute(statement).rowcount == 1
+    loaded = session.identity_map.get(session.identity_key(Job, job_id))  # type: ignore[arg-type]
+    if loaded is not None:
+        session.expire(loaded)
+    return changed
 
 
 def _lease(attempt: int | None) -> list[ColumnElement[bool]]:

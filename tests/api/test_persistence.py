@@ -36,9 +36,9 @@ from api.core.models import (
     Tenant,
     api_key_prefix,
     hash_api_key,
-    transition_job,
     utcnow,
 )
+from api.services.jobs import transition_job
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {

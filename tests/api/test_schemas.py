@@ -8,7 +8,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.errors import NotFound, install_error_handlers
-from api.schemas import JobCreate, TaskName
+from api.schemas.common import TaskName
+from api.schemas.jobs import JobCreate
 from speft_core.config import TASKS, SpeftConfig, TrainConfig
 from speft_core.errors import DatasetFormatError
 

@@ -28,8 +28,9 @@ from sqlalchemy import func, select
 from api.core.config import Settings
 from api.core.db import make_engine, session_factory, upgrade_database
 from api.core.models import Adapter, Job, JobEvent, JobStatus, RegisteredModel, utcnow
+from api.core.queue import CeleryEnqueuer
 from api.core.storage import LocalStorage
-from api.services.job_requests import CeleryEnqueuer
+from api.services.job_runs import adapter_id_for, attempt_key
 from speft_core.delta import load_delta
 from speft_core.models import load_tokenizer, resolve_model
 from tests.fixtures.jobs import Service
@@ -42,7 +43,6 @@ from tests.fixtures.processes import (
     wait_ready,
 )
 from tests.fixtures.s3 import _free_port as free_port
-from worker.tasks import adapter_id_for, attempt_key
 
 pytestmark = pytest.mark.slow
 

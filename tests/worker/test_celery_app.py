@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from api.core.config import Settings
-from worker.celery_app import broker_url, create_celery
+from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, broker_url
+from worker.celery_app import create_celery
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,3 +91,11 @@ def test_worker_process_runs_a_task(tmp_path, monkeypatch, broker):
             output = worker.communicate()[0]
         sys.modules.pop("probe_tasks", None)
     assert "Traceback" not in (output or ""), output
+
+
+def test_the_worker_app_consumes_every_task_name_the_api_sends():
+    import worker.tasks  # noqa: F401 - registers the tasks on the worker's app
+    from worker.celery_app import app
+
+    assert {RUN_JOB_TASK, RECONCILE_TASK} <= set(app.tasks)
+    assert app.conf.beat_schedule["speft-reconcile"]["task"] == RECONCILE_TASK

@@ -22,6 +22,7 @@ from api.core.models import (
     MetricKind,
     utcnow,
 )
+from api.services import job_runs
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
@@ -31,7 +32,7 @@ from api.services.jobs import (
 )
 from speft_core.errors import TrainingCancelled
 from tests.fixtures.jobs import Service
-from worker import tasks
+from worker import recorder, tasks
 from worker.celery_app import app
 
 
@@ -116,8 +117,8 @@ def test_cancel_before_start_means_no_training(service):
 
 def test_cancel_while_running_stops_between_steps(service, monkeypatch):
     job_id = service.make_job()
-    monkeypatch.setattr(tasks, "CANCEL_POLL_S", 0.0)
-    record_progress = tasks.record_progress
+    monkeypatch.setattr(recorder, "CANCEL_POLL_S", 0.0)
+    record_progress = recorder.record_progress
 
     def cancel_then_record(session, **report):
         if report["step"] == 1:
@@ -126,7 +127,7 @@ def test_cancel_while_running_stops_between_steps(service, monkeypatch):
                 other.commit()
         return record_progress(session, **report)
 
-    monkeypatch.setattr(tasks, "record_progress", cancel_then_record)
+    monkeypatch.setattr(recorder, "record_progress", cancel_then_record)
     tasks.run_job.run(job_id)
     job = service.job(job_id)
     assert job.status == JobStatus.CANCELLED and job.progress_step == 1
@@ -177,7 +178,7 @@ def test_success_that_loses_to_a_cancel_leaves_no_adapter_object(service, monkey
         return SimpleNamespace(delta=SimpleNamespace(nnz=1), eval={}, trainable_params=1)
 
     monkeypatch.setattr(tasks, "fine_tune", train_then_get_cancelled)
-    monkeypatch.setattr(tasks, "delta_to_bytes", lambda delta: json.dumps({"fake": 1}).encode())
+    monkeypatch.setattr(job_runs, "delta_to_bytes", lambda delta: json.dumps({"fake": 1}).encode())
     tasks.run_job.run(job_id)
     assert service.job(job_id).status == JobStatus.CANCELLED
     assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
@@ -203,11 +204,11 @@ def test_the_heartbeat_thread_stamps_the_job_while_training_runs_between_steps(s
 
 def test_a_later_attempt_that_succeeds_removes_the_killed_attempts_upload(service, monkeypatch):
     job_id = service.make_job()
-    adapter_id = tasks.adapter_id_for(job_id)
+    adapter_id = job_runs.adapter_id_for(job_id)
     with service.sessions() as session:  # attempt 1: claimed, uploaded, then the worker died
         assert claim_job(session, job_id=job_id, worker="dead:1")
         session.commit()
-    service.storage.put(tasks.attempt_key(adapter_id, 1), b"partial")
+    service.storage.put(job_runs.attempt_key(adapter_id, 1), b"partial")
     with service.sessions() as session:
         assert requeue_stale_job(session, job_id=job_id, stale_before=utcnow(), reason="test")
         session.commit()
@@ -229,7 +230,7 @@ def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, mo
         session.execute(update(Job).where(Job.id == job_id)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=5)))
         session.commit()
-    service.storage.put(tasks.attempt_key(tasks.adapter_id_for(job_id), 1), b"partial")
+    service.storage.put(job_runs.attempt_key(job_runs.adapter_id_for(job_id), 1), b"partial")
     assert tasks.reconcile.run() == {"requeued": [], "failed": [job_id], "cancelled": [],
                                      "resent": []}
     job = service.job(job_id)

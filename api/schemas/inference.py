@@ -1,0 +1,143 @@
+"""Inference schemas: classification and completion requests and answers, resident adapters."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from api.errors import InvalidRequest
+from api.schemas.common import StrictModel
+
+MAX_CLASSIFICATION_INPUTS = 256
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**32 - 1  # as the training seed; larger integers lose precision in JSON clients
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+MAX_COMPOSED_ADAPTERS = 8
+
+
+class AdapterWeight(StrictModel):
+    """One adapter of a composition and the weight its delta is added with."""
+
+    id: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+
+AdapterChoice = (str | Annotated[list[AdapterWeight],
+                                  Field(min_length=1, max_length=MAX_COMPOSED_ADAPTERS)] | None)
+
+
+class _InferenceRequest(StrictModel):
+    model: str = Field(min_length=1, max_length=128)
+    adapter: AdapterChoice = Field(
+        None, description="An adapter id, a list of {id, weight} whose deltas are summed for "
+                          "this request only, or null for the base model")
+
+    def adapter_parts(self) -> list[tuple[str, float]]:
+        """The adapter choice as (id, weight) pairs; empty for the base model. An adapter named
+        twice is a 400 naming `adapter` (a rule no JSON schema can state)."""
+        if self.adapter is None:
+            return []
+        if isinstance(self.adapter, str):
+            return [(self.adapter, 1.0)]
+        if len({part.id for part in self.adapter}) != len(self.adapter):
+            raise InvalidRequest("an adapter appears twice in the composition", param="adapter")
+        return [(part.id, part.weight) for part in self.adapter]
+
+
+class ClassificationCreate(_InferenceRequest):
+    """POST /v1/classifications: texts to label with a classification adapter."""
+
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CLASSIFICATION_INPUTS)
+                           ] = Field(description="A text or a list of texts (at most "
+                                                 f"{MAX_CLASSIFICATION_INPUTS})")
+
+    def texts(self) -> list[str]:
+        """The input as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassificationResult(BaseModel):
+    """One input's label and the probability of every label."""
+
+    index: int
+    label: str
+    probs: dict[str, float]
+
+
+class ClassificationResponse(BaseModel):
+    """Labels for each input, in input order."""
+
+    object: Literal["list"] = "list"
+    model: str
+    adapter: AdapterChoice
+    data: list[ClassificationResult]
+
+
+class CompletionCreate(_InferenceRequest):
+    """POST /v1/completions: continue a prompt with a causal LM (SSE when `stream`)."""
+
+    prompt: str = Field(max_length=100_000)
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (
+        Field(None, description=f"A stop string or up to {MAX_STOP_STRINGS}, each at most "
+                                f"{MAX_STOP_LENGTH} characters"))
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (empty strings dropped)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class CompletionChoice(BaseModel):
+    """The generated text and why it ended (`stop` or `length`)."""
+
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    """Token counts of the request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A completion (also the shape of each streamed chunk, whose text is the new piece)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    adapter: AdapterChoice
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class LoadedAdapter(BaseModel):
+    """An adapter resident in this API process's cache."""
+
+    id: str
+    model: str
+    bytes: int
+    pinned: bool
+    hits: int
+    load_ms: float
+    loaded_at: int
+    last_used_at: int
+
+
+class LoadedAdapterList(BaseModel):
+    """The caller's resident adapters and this process's cache totals."""
+
+    object: Literal["list"] = "list"
+    data: list[LoadedAdapter]
+    resident_bytes: int
+    budget_bytes: int

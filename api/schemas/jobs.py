@@ -1,0 +1,192 @@
+"""`/v1/fine_tuning/jobs` schemas: the create body, the job, its events and metrics.
+
+The fine-tuning method and hyperparameters are the core's own dataclasses (`SpeftConfig`,
+`TrainConfig`), so their defaults, bounds and checks have one source of truth; pydantic
+validates their types and runs their checks, and the error handler names the failing field.
+The job's public fields derived from its stored body (task, device, method, …) are properties
+of the ORM `Job`, so `JobObject.model_validate(job)` reads them like columns.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field
+
+from api.core.config import Device
+from api.schemas.common import (
+    PublicModel,
+    StrictModel,
+    TaskName,
+    UnixTime,
+    documented,
+    int_range,
+    number_range,
+)
+from speft_core.config import (
+    MASK_KINDS,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LENGTH,
+    MAX_SCORING_EXAMPLES,
+    SCOPES,
+    JobSpec,
+    SpeftConfig,
+    TrainConfig,
+)
+from speft_core.salience import METRICS
+
+MAX_SUFFIX_LENGTH = 64
+MAX_METADATA_KEYS = 16
+
+# -- the core's settings, documented with the bounds their own checks enforce ----------------
+_LEARNING_RATE = number_range(0.0, 10.0, low_open=True)
+SpeftSettings = documented(SpeftConfig, {
+    "metric": {"type": "string", "enum": sorted(METRICS)},
+    "density": {"anyOf": [number_range(0.0, 1.0, low_open=True),
+                          {"type": "integer", "minimum": 2}]},
+    "mask": {"type": "string", "enum": list(MASK_KINDS)},
+    "scope": {"type": "string", "enum": list(SCOPES)},
+    "target_modules": {"anyOf": [{"type": "array", "minItems": 1,
+                                  "items": {"type": "string", "minLength": 1}},
+                                 {"type": "null"}]},
+    "scoring_examples": int_range(1, MAX_SCORING_EXAMPLES),
+    "update_interval": int_range(0, 10**9),
+    "update_fraction": number_range(0.0, 1.0, low_open=True),
+}, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
+          "then": {"properties": {"update_interval": {"minimum": 1}},
+                   "required": ["update_interval"]}})
+TrainSettings = documented(TrainConfig, {
+    "n_epochs": int_range(1, MAX_EPOCHS),
+    "batch_size": int_range(1, MAX_BATCH_SIZE),
+    "learning_rate": _LEARNING_RATE,
+    "max_length": int_range(2, MAX_LENGTH),
+    "seed": int_range(0, 2**32 - 1),
+    "warmup_ratio": number_range(0.0, 1.0),
+    "weight_decay": number_range(0.0, 10.0),
+    "max_grad_norm": number_range(0.0, 1e6),
+    "gradient_accumulation_steps": int_range(1, 1024),
+    "head_learning_rate": {"anyOf": [_LEARNING_RATE, {"type": "null"}]},
+})
+
+
+# -- the create body -------------------------------------------------------------------------
+class SpeftMethod(StrictModel):
+    """`method`: the fine-tuning method and its settings."""
+
+    type: Literal["speft"] = "speft"
+    speft: SpeftSettings = Field(default_factory=SpeftConfig)
+
+
+class JobCreate(StrictModel):
+    """POST /v1/fine_tuning/jobs body."""
+
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, min_length=1, max_length=64)
+    task: TaskName | None = None  # None: the base model's own task
+    device: Device | None = None  # where it trains (its queue); None: SPEFT_DEFAULT_DEVICE
+    method: SpeftMethod = Field(default_factory=SpeftMethod)
+    hyperparameters: TrainSettings = Field(default_factory=TrainConfig)
+    suffix: str | None = Field(default=None, max_length=MAX_SUFFIX_LENGTH,
+                               pattern=r"^[A-Za-z0-9._-]+$")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+
+    def to_spec(self, *, task: str, training_file: str, validation_file: str | None) -> JobSpec:
+        """The core job spec, with files resolved to local paths by the caller."""
+        return JobSpec(model=self.model, task=task, training_file=training_file,
+                       validation_file=validation_file, speft=self.method.speft,
+                       hyperparameters=self.hyperparameters, suffix=self.suffix,
+                       metadata=dict(self.metadata))
+
+    def stored_body(self, task: str, device: str) -> dict[str, Any]:
+        """The body as stored on the job (defaults filled in, task and device resolved)."""
+        body = self.model_dump(mode="json")
+        body["task"] = task
+        body["device"] = device
+        return body
+
+
+# -- the job and what it reports -------------------------------------------------------------
+class JobError(PublicModel):
+    """Why a job failed: `user_error` (data or spec) or `internal_error`."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobProgress(PublicModel):
+    """Optimizer steps done and planned."""
+
+    step: int = 0
+    total_steps: int | None = None
+
+
+class JobObject(PublicModel):
+    """A fine-tuning job."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    status: str
+    created_at: UnixTime
+    started_at: UnixTime | None = None
+    finished_at: UnixTime | None = None
+    training_file: str
+    validation_file: str | None = None
+    task: TaskName
+    device: Device = "cpu"
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    trainable_params: int | None = None
+    adapter_id: str | None = None
+    error: JobError | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    suffix: str | None = None
+    # read from `Job.spec_metadata` (an ORM class's `metadata` is SQLAlchemy's own)
+    metadata: dict[str, str] = Field(default_factory=dict,
+                                     validation_alias=AliasChoices("spec_metadata", "metadata"))
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first; pass the last id as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class JobEvent(PublicModel):
+    """Something that happened to a job."""
+
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    level: Literal["info", "warning", "error"]
+    type: str
+    message: str
+    data: dict[str, Any] | None = None
+    created_at: UnixTime
+
+
+class JobEventList(BaseModel):
+    """A job's events, oldest first."""
+
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+
+
+class JobMetric(BaseModel):
+    """One step report (train_loss, lr, grad_norm) or one evaluation (eval_*)."""
+
+    step: int
+    train_loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+
+class JobMetricList(BaseModel):
+    """A job's metrics, by step."""
+
+    object: Literal["list"] = "list"
+    data: list[JobMetric]

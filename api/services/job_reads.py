@@ -1,0 +1,75 @@
+"""A tenant's fine-tuning jobs: reads (one, a page), cancel, events and metrics.
+
+Every function is scoped by tenant: another tenant's job is NotFound, exactly like a missing one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.core.models import TERMINAL_STATUSES, Job, JobEvent, JobMetric, JobStatus, MetricKind
+from api.errors import Conflict, InvalidRequest, NotFound
+from api.schemas.jobs import JobMetric as JobMetricObject
+from api.services import jobs
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job `job_id`; NotFound for missing and other tenants' jobs."""
+    row = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if row is None:
+        raise NotFound(f"no such job: {job_id}", param="job_id")
+    return row
+
+
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None = None,
+              status: JobStatus | None = None) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs, newest first, strictly after job `after`; (jobs, has_more)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if after is not None:
+        try:
+            cursor = get_job(session, tenant_id=tenant_id, job_id=after)
+        except NotFound:
+            raise InvalidRequest(f"unknown cursor: no such job {after}", param="after") from None
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    if status is not None:
+        query = query.where(Job.status == status)
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Cancel the tenant's job (at once when not started); Conflict when it already finished."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.status not in TERMINAL_STATUSES:
+        jobs.request_cancel(session, job_id=job_id)
+        session.refresh(job)  # a worker may have finished it meanwhile
+        if job.status == JobStatus.CANCELLED:
+            return job
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} is already {job.status.value}; it cannot be cancelled",
+                       param="job_id")
+    return job
+
+
+def list_events(session: Session, *, tenant_id: str, job_id: str) -> list[JobEvent]:
+    """The tenant's job's events, oldest first."""
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                .order_by(JobEvent.id)))
+
+
+def list_metrics(session: Session, *, tenant_id: str, job_id: str) -> list[JobMetricObject]:
+    """The tenant's job's train and eval rows merged into one row per step, by step."""
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    merged: dict[int, dict[str, Any]] = {}
+    for row in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)
+                               .order_by(JobMetric.step, JobMetric.kind)):
+        values = merged.setdefault(row.step, {"step": row.step})
+        columns = (("train_loss", "lr", "grad_norm") if row.kind == MetricKind.TRAIN
+                   else jobs.EVAL_COLUMNS)
+        values.update({name: getattr(row, name) for name in columns})
+    return [JobMetricObject(**merged[step]) for step in sorted(merged)]

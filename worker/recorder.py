@@ -1,0 +1,55 @@
+"""Training callbacks that record a running attempt: progress, metrics, events, cancel polls."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.services.job_runs import json_safe
+from api.services.jobs import add_event, is_cancel_requested, record_eval, record_progress
+from speft_core.train import StepReport, TrainCallbacks
+
+CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
+
+
+class JobRecorder:
+    """Training callbacks that write progress, metrics and events to the job and poll for cancel."""
+
+    def __init__(self, session: Session, job_id: str, attempt: int) -> None:
+        self.session, self.job_id, self.attempt = session, job_id, attempt
+        self.stop = False
+        self.last_poll = float("-inf")
+
+    def callbacks(self) -> TrainCallbacks:
+        """The TrainCallbacks to hand to speft_core."""
+        return TrainCallbacks(on_step=self.on_step, on_eval=self.on_eval,
+                              on_event=self.on_event, should_cancel=self.should_cancel)
+
+    def on_step(self, report: StepReport) -> None:
+        """Progress, heartbeat and one train metric row, committed at once."""
+        active = record_progress(self.session, job_id=self.job_id, step=report.step,
+                                 total=report.total_steps, train_loss=report.train_loss,
+                                 lr=report.lr, grad_norm=report.grad_norm,
+                                 attempt=self.attempt)
+        self.session.commit()
+        self.stop = self.stop or not active
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """One eval metric row and event."""
+        record_eval(self.session, job_id=self.job_id, step=step, metrics=json_safe(metrics))
+        self.session.commit()
+
+    def on_event(self, message: str, data: dict[str, Any]) -> None:
+        """A free-form training event."""
+        add_event(self.session, job_id=self.job_id, message=message, data=json_safe(data))
+        self.session.commit()
+
+    def should_cancel(self) -> bool:
+        """True once the job is no longer active or a cancel was requested (read every few seconds)."""
+        now = time.monotonic()
+        if not self.stop and now - self.last_poll >= CANCEL_POLL_S:
+            self.last_poll = now
+            self.stop = is_cancel_requested(self.session, job_id=self.job_id)
+            self.session.commit()
+        return self.stop
