@@ -13,9 +13,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    TORCH_EXTENSIONS_DIR=/home/speft/.cache/torch_extensions
+    SPEFT_KERNEL_CACHE_DIR=/home/speft/.cache/speft/kernels
 
-# A compiler for the CPU SDDMM kernel (built on first use), curl for health checks.
+# A compiler for the CPU kernel (built on first use into SPEFT_KERNEL_CACHE_DIR, a volume the
+# services share), curl for health checks.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ curl python3 python3-pip python3-venv \
     && rm -rf /var/lib/apt/lists/* \
@@ -35,7 +36,8 @@ COPY alembic.ini ./
 RUN pip install . ninja
 
 USER speft
-RUN mkdir -p /home/speft/var /home/speft/.cache
+# made as speft, so the kernel volume mounted there belongs to speft
+RUN mkdir -p /home/speft/var /home/speft/.cache/speft/kernels
 WORKDIR /home/speft
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --retries=5 CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1

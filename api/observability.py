@@ -1,13 +1,21 @@
 """Prometheus metrics: requests per route, jobs by status, and inference (batches, adapters).
 
 Each app gets its own CollectorRegistry, so several apps in one process (tests) never clash.
+Every label takes a bounded set of values: a request's route is the path template of the route
+Starlette matched (every unmatched path shares one label), its method one of the standard ones
+(others share one label), its status a status code; models are the registered base models the
+process has loaded. With SPEFT_METRICS_TOKEN set, GET /metrics needs it as a Bearer token.
 """
 from __future__ import annotations
 
+import hmac
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,10 +27,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.models import Job, JobStatus
+from api.errors import Unauthorized
 from speft_core.serving import ServingEngine, ServingObserver
+
+try:  # FastAPI with lazily included routers: the matched route's own path lacks the prefix
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # earlier FastAPI copies every included route with its full path
+    iter_route_contexts = None  # type: ignore[assignment]
 
 
 class JobStatusCollector(Collector):
@@ -41,21 +57,62 @@ class JobStatusCollector(Collector):
         yield family
 
 
-def _route_template(scope: Scope) -> str:
-    """The matched route with its parameters as `{name}` (ids never become label values)."""
-    if scope.get("route") is None:
-        return "unmatched"
-    path = scope["path"]
-    for name, value in (scope.get("path_params") or {}).items():
-        path = path.replace(f"/{value}", f"/{{{name}}}")
-    return path
+UNMATCHED_ROUTE = "unmatched"  # the route label of every request no route matched (404s)
+OTHER_METHOD = "other"  # the method label of every non-standard method
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RouteTemplates:
+    """The full path template (`/v1/fine_tuning/jobs/{job_id}`) of the route the router matched,
+    prefixes of included routers applied: looked up by the route object Starlette's router put
+    in the scope, never built from the request's path, so ids never become label values."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self._templates: dict[int, list[tuple[re.Pattern[str], str]]] = {}
+
+    def _index(self) -> None:
+        """Every route's templates by the route object the router hands over (its own path
+        format only carries the included router's part, not the prefix)."""
+        if iter_route_contexts is None:  # FastAPI before lazy includes: routes hold full paths
+            pairs = [(route, getattr(route, "path_format", None)) for route in self.app.routes]
+        else:
+            pairs = [(context.original_route, context.path_format)
+                     for context in iter_route_contexts(self.app.routes)]
+        templates: dict[int, list[tuple[re.Pattern[str], str]]] = {}
+        for route, template in pairs:
+            if isinstance(template, str):
+                templates.setdefault(id(route), []).append((compile_path(template)[0], template))
+        self._templates = templates
+
+    def template(self, scope: Scope) -> str:
+        """The matched route's template; UNMATCHED_ROUTE where no route (none we know) matched."""
+        route = scope.get("route")
+        if route is None:
+            return UNMATCHED_ROUTE
+        if id(route) not in self._templates:  # the first request, or a route added since
+            self._index()
+            self._templates.setdefault(id(route), [])  # still unknown: not indexed again for it
+        candidates = self._templates[id(route)]
+        if len(candidates) == 1:
+            return candidates[0][1]
+        path = get_route_path(scope)  # a router included twice: the prefix this path matched
+        return next((template for regex, template in candidates if regex.match(path)),
+                    UNMATCHED_ROUTE)
+
+
+def _method(scope: Scope) -> str:
+    """The request's method if it is a standard one, else one shared label."""
+    method = scope["method"]
+    return method if method in METHODS else OTHER_METHOD
 
 
 class RequestMetricsMiddleware:
     """Pure ASGI middleware (no per-request task or body streaming like BaseHTTPMiddleware)."""
 
-    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram) -> None:
-        self.app, self.requests, self.latency = app, requests, latency
+    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram,
+                 templates: RouteTemplates) -> None:
+        self.app, self.requests, self.latency, self.templates = app, requests, latency, templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,9 +130,27 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            template = _route_template(scope)  # the router filled scope["route"] in place
-            self.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
-            self.requests.labels(scope["method"], template, str(status)).inc()
+            template = self.templates.template(scope)  # the router set scope["route"]
+            method = _method(scope)
+            self.latency.labels(method, template).observe(time.perf_counter() - started)
+            self.requests.labels(method, template, str(status)).inc()
+
+
+_scrape_credentials = HTTPBearer(auto_error=False, description="SPEFT_METRICS_TOKEN, when set")
+
+
+def require_metrics_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_scrape_credentials)],
+) -> None:
+    """401 unless SPEFT_METRICS_TOKEN is unset or the request carries it as a Bearer token."""
+    token = request.app.state.settings.metrics_token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized("GET /metrics needs 'Authorization: Bearer <SPEFT_METRICS_TOKEN>'",
+                           code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
@@ -86,9 +161,10 @@ def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorR
     latency = Histogram("speft_http_request_duration_seconds", "HTTP request latency",
                         ["method", "route"], registry=registry)
     registry.register(JobStatusCollector(sessions))
-    app.add_middleware(RequestMetricsMiddleware, requests=requests, latency=latency)
+    app.add_middleware(RequestMetricsMiddleware, requests=requests, latency=latency,
+                       templates=RouteTemplates(app))
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_token)])
     def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

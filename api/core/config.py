@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from limits import RateLimitItem, parse_many
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     rate_limit: str = "600/minute"
     rate_limit_storage_url: str | None = None
     max_active_jobs_per_tenant: int = 16
+    # GET /metrics: when set, a scrape must send `Authorization: Bearer <token>` (else 401);
+    # unset, it is open (for a scraper on a private network).
+    metrics_token: SecretStr | None = None
 
     @field_validator("rate_limit")
     @classmethod
@@ -156,7 +159,7 @@ class Settings(BaseSettings):
             return self.broker_url
         return "memory://"
 
-    @field_validator("broker_url", "s3_endpoint_url", "models_dir", mode="before")
+    @field_validator("broker_url", "s3_endpoint_url", "models_dir", "metrics_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

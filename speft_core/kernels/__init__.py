@@ -3,7 +3,8 @@
 `sampled_grad(grad_out, x, pattern)` returns, for each masked entry j = (row, col),
 sum_t grad_out[t, row] * x[t, col]: the gradient of the masked entries only, never a dense dW.
 
-- CPU: a small C++ extension built on first use (`sddmm_cpu.cpp`, cached by torch);
+- CPU: a small C++ extension built on first use (`sddmm_cpu.cpp`; `build.py` caches it per
+  source, environment and CPU, and survives a builder killed mid-build);
   where no compiler is available, `torch.sparse.sampled_addmm` on transposed operands.
 - CUDA: `torch.sparse.sampled_addmm` (cuSPARSE SDDMM) over the pattern's CSR layout.
 
@@ -14,16 +15,16 @@ into y (the mixed batch of serving): one C++ call per module on the CPU
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from speft_core.kernels.build import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ _SOURCES = [Path(__file__).with_name(name)
 # -fopenmp matters: at::parallel_for is an inline OpenMP pragma, serial without it.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+_EXTENSION = "speft_kernels"
 _lock = threading.Lock()
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
@@ -72,25 +74,9 @@ class SparsePattern:
         return int(self.indices.numel())
 
 
-def _extension_name() -> str:
-    """Name keyed by source, CPU and torch version, so a cached build never runs on the wrong CPU."""
-    key = hashlib.sha256()
-    for source in _SOURCES:
-        key.update(source.read_bytes())
-    key.update(" ".join(_CFLAGS + _LDFLAGS).encode())
-    key.update(platform.machine().encode() + platform.processor().encode())
-    key.update(torch.__version__.encode())
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
-        key.update(flags.encode())
-    except (OSError, StopIteration):
-        pass
-    return "speft_sddmm_" + key.hexdigest()[:12]
-
-
 def load_cpu_extension() -> ModuleType | None:
-    """Build (first call) or load the C++ CPU kernel; None where it cannot be built."""
+    """Load the C++ CPU kernel (built once per source, environment and CPU; see build.py), or
+    None where it cannot be built."""
     global _cpu_ext, _cpu_ext_failed
     if _cpu_ext is not None or _cpu_ext_failed:
         return _cpu_ext
@@ -100,17 +86,8 @@ def load_cpu_extension() -> ModuleType | None:
                 _cpu_ext_failed = True
                 return None
             try:
-                from torch.utils.cpp_extension import load
-
-                _cpu_ext = load(
-                    name=_extension_name(),
-                    sources=[str(source) for source in _SOURCES],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS,
-                    verbose=False,
-                )
-                log.info("speft: built CPU SDDMM kernel %s", _extension_name())
-            except Exception as err:  # no compiler / ninja: fall back, loudly once
+                _cpu_ext = load_extension(_EXTENSION, _SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS)
+            except Exception as err:  # noqa: BLE001 - no compiler, no ninja, lock held: fall back
                 _cpu_ext_failed = True
                 log.warning("speft: CPU kernel unavailable (%s); using sampled_addmm", err)
     return _cpu_ext
