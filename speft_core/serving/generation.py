@@ -132,7 +132,7 @@ def generate(
         if row.error is None:
             try:
                 _send(row, len(row.text))
-            except Exception as err:  # this row's callback, not the batch's
+            except Exception as err:  # noqa: BLE001  # this row's callback, not the batch's
                 row.fail(err)
     return [r.error if r.error is not None else
             Completion(r.text, r.finish_reason or FINISH_LENGTH, len(r.prompt_ids), len(r.tokens))
@@ -162,7 +162,7 @@ def _step(logits: torch.Tensor, rows: Sequence[_Row], tokenizer) -> list[int]:
                 chosen[i] = _sample(logits[i], row.params.temperature, row.params.top_p,
                                     row.generator)
             _advance(row, chosen[i], tokenizer)
-        except Exception as err:  # this row's sampling, decoding or callback, not the batch's
+        except Exception as err:  # noqa: BLE001  # this row's own failure, not the batch's
             row.fail(err)
     return chosen
 

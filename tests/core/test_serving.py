@@ -772,7 +772,7 @@ def test_invalid_sampling_params_are_refused_on_construction(fields, param):
 
 
 def _long_texts() -> list[str]:
-    words = "the cast was superb but the plot dragged on and on ".split()
+    words = ["the", "cast", "was", "superb", "but", "the", "plot", "dragged", "on", "and", "on"]
     prose = " ".join(words[i % len(words)] for i in range(40_000))  # ~200k characters
     return [
         prose,
