@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     inference_path: Literal["auto", "swap", "mixed"] = "auto"
     inference_device: Device = "cpu"
     inference_preload: str = ""  # "adapter-1,adapter-2"
+    # Characters of each inference text (a classification input, a prompt): 400 beyond.
+    inference_max_input_chars: int = 100_000
     # Reliability (worker): a running job's worker writes `heartbeat_at` every
     # heartbeat_interval_s; the reconciler (a periodic task in every worker, each
     # reconcile_interval_s) re-enqueues a running job whose heartbeat is older than
@@ -202,7 +204,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size", "adapter_cache_bytes",
-                     "inference_max_batch_size", "max_attempts")
+                     "inference_max_batch_size", "max_attempts", "inference_max_input_chars")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:

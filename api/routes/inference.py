@@ -30,7 +30,12 @@ from api.schemas.inference import (
     LoadedAdapterList,
 )
 from api.services import stored_objects
-from api.services.inference import InferenceEngines, PreparedInference, prepare_inference
+from api.services.inference import (
+    InferenceEngines,
+    PreparedInference,
+    check_input_chars,
+    prepare_inference,
+)
 from speft_core.errors import SpeftError
 from speft_core.serving import Completion, SamplingParams
 
@@ -56,8 +61,12 @@ async def create_classification(body: ClassificationCreate, request: Request,
                                 session: SessionDep, storage: StorageDep,
                                 tenant: TenantDep) -> ClassificationResponse:
     """Label each input with the adapter's classes (probabilities of every label)."""
+    check_input_chars(body.texts(), limit=_engines(request).settings.inference_max_input_chars,
+                      param="input", listed=isinstance(body.input, list))
     prepared = await _prepare(request, session, storage, tenant, body, "classification")
-    results = await asyncio.wrap_future(prepared.engine.classify(prepared.adapter, body.texts()))
+    # tokenised off the event loop, on this request's thread (a bad text fails here, alone)
+    queued = await run_in_threadpool(prepared.engine.classify, prepared.adapter, body.texts())
+    results = await asyncio.wrap_future(queued)
     return ClassificationResponse(model=body.model, adapter=body.adapter, data=[
         ClassificationResult(index=i, label=r.label, probs=r.probs)
         for i, r in enumerate(results)])
@@ -69,6 +78,8 @@ async def create_classification(body: ClassificationCreate, request: Request,
 async def create_completion(body: CompletionCreate, request: Request, session: SessionDep,
                             storage: StorageDep, tenant: TenantDep) -> Any:
     """Continue the prompt; with `stream`, text arrives as server-sent events as it grows."""
+    check_input_chars([body.prompt], limit=_engines(request).settings.inference_max_input_chars,
+                      param="prompt")
     prepared = await _prepare(request, session, storage, tenant, body, "causal_lm")
     engine = prepared.engine
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,

@@ -50,7 +50,9 @@ class ClassificationCreate(_InferenceRequest):
 
     input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CLASSIFICATION_INPUTS)
                            ] = Field(description="A text or a list of texts (at most "
-                                                 f"{MAX_CLASSIFICATION_INPUTS})")
+                                                 f"{MAX_CLASSIFICATION_INPUTS}), each at most "
+                                                 "SPEFT_INFERENCE_MAX_INPUT_CHARS characters "
+                                                 "(100,000 by default; 400 beyond)")
 
     def texts(self) -> list[str]:
         """The input as a list."""
@@ -77,7 +79,8 @@ class ClassificationResponse(BaseModel):
 class CompletionCreate(_InferenceRequest):
     """POST /v1/completions: continue a prompt with a causal LM (SSE when `stream`)."""
 
-    prompt: str = Field(max_length=100_000)
+    prompt: str = Field(description="At most SPEFT_INFERENCE_MAX_INPUT_CHARS characters "
+                                    "(100,000 by default; 400 beyond)")
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)

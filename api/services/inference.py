@@ -132,6 +132,17 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
     return PreparedInference(engine, engine.compose(loaded))
 
 
+def check_input_chars(texts: Sequence[str], *, limit: int, param: str,
+                      listed: bool = False) -> None:
+    """400 naming `param` for a text longer than `limit` characters
+    (SPEFT_INFERENCE_MAX_INPUT_CHARS); `listed`: the texts came as a list (name the index)."""
+    for index, text in enumerate(texts):
+        if len(text) > limit:
+            where = f"{param}[{index}]" if listed else param
+            raise InvalidRequest(f"{where} has {len(text):,} characters, over the limit of "
+                                 f"{limit:,} (SPEFT_INFERENCE_MAX_INPUT_CHARS)", param=param)
+
+
 def load_adapter(engine: ServingEngine, storage: Storage, row: Adapter,
                  *, pin: bool = False) -> ServingAdapter:
     """The adapter resident in the engine, loaded from storage and verified on a miss."""

@@ -3,7 +3,9 @@
 A batch starts with the first waiting request and takes whatever else arrives within the wait
 window, up to `max_batch_size` rows (a request may count several rows, e.g. several texts).
 The runner owns the model: only this thread ever runs a forward, so weight swaps never race.
-A batch that raises fails its own requests only; the thread goes on with the next batch.
+A batch that raises is re-run request by request, so a request whose own data makes it fail
+fails alone and its batch-mates still get their answers (a request that has already streamed
+part of its answer gets the batch's error instead: it cannot be re-run). The thread goes on.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ _STOP = object()
 
 @dataclass(eq=False)
 class QueuedRequest:
-    """One request waiting for a batch: its adapter, its row count and the future it resolves."""
+    """One request waiting for a batch: its adapter, its row count and the future it resolves;
+    `streamed` once part of its answer has reached its caller."""
 
     adapter: ServingAdapter | None
     rows: int
     payload: Any
     future: Future = field(default_factory=Future)
+    streamed: bool = False
 
 
 R = TypeVar("R", bound=QueuedRequest)
@@ -95,10 +99,24 @@ class DynamicBatcher(Generic[R]):
         try:
             self._run_batch(live)
         except Exception as err:  # a failed batch fails its requests, never the thread
-            log.exception("speft serving: batch of %d failed", len(live))
-            for request in live:
-                if not request.future.done():
+            unanswered = [r for r in live if not r.future.done()]
+            if len(live) == 1 or not unanswered:
+                log.exception("speft serving: a batch of %d failed", len(live))
+                for request in unanswered:
                     request.future.set_exception(err)
+                return
+            log.warning("speft serving: a batch of %d failed (%r): re-running its %d "
+                        "unanswered requests one by one", len(live), err, len(unanswered))
+            for request in unanswered:
+                if request.streamed:
+                    request.future.set_exception(err)
+                    continue
+                try:
+                    self._run_batch([request])
+                except Exception as own:  # this request's own failure
+                    log.exception("speft serving: a request failed alone")
+                    if not request.future.done():
+                        request.future.set_exception(own)
 
 
 def group_by_adapter(batch: Sequence[R]) -> list[list[R]]:

@@ -6,18 +6,23 @@
 
 Adapters are loaded through the cache (verified once: sha256, structure, base fingerprint), on
 the caller's thread, so a slow or broken adapter only ever delays or fails its own request.
+Texts are cut to what the model can read and tokenised on the caller's thread too
+(`serving/text.py`), so a huge or unencodable input costs and fails only its own request.
 Batches run on the batcher's thread: one adapter in the batch → swap; several → mixed batch
-(`path="swap"`/`"mixed"` forces one, for benchmarks).
+(`path="swap"`/`"mixed"` forces one, for benchmarks). A request whose sampling fails ends
+alone; a batch that fails as a whole is re-run request by request (`serving/batching.py`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +39,9 @@ from .batching import DynamicBatcher, QueuedRequest, group_by_adapter, segments_
 from .cache import ByteBudgetCache, CacheEntryInfo
 from .execution import Segment, ServedModel
 from .generation import Completion, SamplingParams, generate
+from .text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 ExecutionPath = Literal["auto", "swap", "mixed"]
 PATHS: tuple[str, ...] = ("auto", "swap", "mixed")
@@ -90,6 +98,7 @@ class ServingEngine:
             on_load=lambda _key, seconds: self.observer.adapter_loaded(seconds))
         config = getattr(model, "config", None)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 512)
+        self.text = TextEncoder(tokenizer, self.max_positions)
         run = self._run_classification if task == "classification" else self._run_completion
         self._batcher: DynamicBatcher[QueuedRequest] = DynamicBatcher(
             lambda batch: self._run(batch, run), max_batch_size=self.options.max_batch_size,
@@ -166,27 +175,56 @@ class ServingEngine:
     # --- requests ---------------------------------------------------------------------------
 
     def classify(self, adapter: ServingAdapter, texts: Sequence[str]) -> Future:
-        """Queue texts for classification; the future gives one Classification per text."""
+        """Queue texts for classification; the future gives one Classification per text.
+
+        The texts are tokenised here, on the caller's thread (cut to what the model reads):
+        one that cannot be encoded is a ConfigError naming `input`, before anything is queued.
+        """
         if adapter is None or adapter.task != "classification" or not adapter.labels:
             raise ConfigError("classification needs a classification adapter: the base model has "
                               "no trained classification head", param="adapter")
-        return self._batcher.submit(QueuedRequest(adapter, len(texts), list(texts)))
+        if isinstance(texts, str) or not texts:
+            raise ConfigError("classify a non-empty list of texts", param="input")
+        encoded = [self.text.encode(
+            text, lambda t: self.tokenizer(t, truncation=True, max_length=self.max_positions),
+            lambda e: len(e["input_ids"]), param="input") for text in texts]
+        return self._batcher.submit(QueuedRequest(adapter, len(encoded), encoded))
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """A prompt as the model reads it: bos, then its tokens (as in training)."""
+        """A prompt as the model reads it: bos, then its tokens (as in training).
+
+        ConfigError naming `prompt` when the tokenizer cannot encode it, or when it leaves no
+        position to generate in (only as much of a long prompt is tokenised as shows that).
+        """
         head = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return head + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = head + self.text.encode(
+            prompt, lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"],
+            lambda ids: len(head) + len(ids), param="prompt")
+        if len(ids) >= self.max_positions:
+            raise ConfigError(f"the prompt has at least {len(ids)} tokens: no room to generate "
+                              f"within the model's {self.max_positions} positions",
+                              param="prompt")
+        return ids
 
     def complete(self, adapter: ServingAdapter | None, prompt_ids: list[int],
                  params: SamplingParams,
                  on_text: Callable[[str], bool | None] | None = None) -> Future:
         """Queue a completion; the future gives a Completion, `on_text` gets text as it grows
         (returning False stops this request early: finish reason `cancelled`)."""
+        vocab = self.served.model.get_input_embeddings().num_embeddings
+        if not prompt_ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                for i in prompt_ids):
+            raise ConfigError(f"prompt ids must be a non-empty list of token ids in [0, {vocab})",
+                              param="prompt")
         if len(prompt_ids) + params.max_tokens > self.max_positions:
             raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
                               f"({params.max_tokens}) exceed the model's {self.max_positions} "
                               "positions", param="max_tokens")
-        return self._batcher.submit(QueuedRequest(adapter, 1, (prompt_ids, params, on_text)))
+        request = QueuedRequest(adapter, 1, None)
+        stream = None if on_text is None else partial(_stream, request, on_text)
+        request.payload = (list(prompt_ids), params, stream)
+        return self._batcher.submit(request)
 
     def close(self) -> None:
         """Finish queued requests and stop the batching thread."""
@@ -217,9 +255,8 @@ class ServingEngine:
 
     def _run_classification(self, requests: list[QueuedRequest], segments: Sequence[Segment],
                             mixed: bool) -> None:
-        texts = [text for r in requests for text in r.payload]
-        encoded = self.tokenizer(texts, padding=True, truncation=True,
-                                 max_length=self.max_positions, return_tensors="pt")
+        rows = [encoding for r in requests for encoding in r.payload]
+        encoded = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
         encoded = {k: v.to(self.served.device) for k, v in encoded.items()}
         with self.served.segments(segments, mixed=mixed):
             logits = self.served.model(**encoded).logits.float()
@@ -237,7 +274,18 @@ class ServingEngine:
                         mixed: bool) -> None:
         prompts, params, callbacks = zip(*(r.payload for r in requests), strict=True)
         with self.served.segments(segments, mixed=mixed):
-            completions: list[Completion] = generate(self.served.model, self.tokenizer,
-                                                     prompts, params, callbacks)
-        for request, completion in zip(requests, completions, strict=True):
-            request.future.set_result(completion)
+            outcomes = generate(self.served.model, self.tokenizer, prompts, params, callbacks)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, Completion):
+                request.future.set_result(outcome)
+            else:  # this row's sampling or streaming failed; its batch-mates are unaffected
+                log.warning("speft serving: a completion failed alone: %r", outcome)
+                request.future.set_exception(outcome)
+
+
+def _stream(request: QueuedRequest, on_text: Callable[[str], bool | None],
+            piece: str) -> bool | None:
+    """Hand a request's new text to its reader; once any is out, a failed batch must not
+    re-run the request (its reader would get the text twice)."""
+    request.streamed = True
+    return on_text(piece)

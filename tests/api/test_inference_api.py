@@ -150,8 +150,8 @@ def weighted_sum(parts: list[tuple[Delta, float]]) -> Delta:
 def classify(client: TestClient, adapter: Any, texts: Any, headers: dict[str, str] = ALICE,
              model: str = "minilm-l6") -> Any:
     """POST /v1/classifications."""
-    return client.post("/v1/classifications", headers=headers,
-                       json={"model": model, "adapter": adapter, "input": texts})
+    return post_json(client, "/v1/classifications", headers,
+                     {"model": model, "adapter": adapter, "input": texts})
 
 
 def complete(client: TestClient, adapter: Any, prompt: str, headers: dict[str, str] = ALICE,
@@ -159,7 +159,14 @@ def complete(client: TestClient, adapter: Any, prompt: str, headers: dict[str, s
     """POST /v1/completions, greedy over MAX_TOKENS unless `fields` say otherwise."""
     body = {"model": "stories-260k", "adapter": adapter, "prompt": prompt,
             "max_tokens": MAX_TOKENS, "temperature": 0, **fields}
-    return client.post("/v1/completions", headers=headers, json=body)
+    return post_json(client, "/v1/completions", headers, body)
+
+
+def post_json(client: TestClient, path: str, headers: dict[str, str], body: Any) -> Any:
+    """POST `body` as ASCII JSON, so a lone surrogate travels as its `\\ud800` escape (as any
+    JSON client may send it; httpx's own encoder cannot)."""
+    return client.post(path, content=json.dumps(body),
+                       headers={**headers, "Content-Type": "application/json"})
 
 
 def probs_of(response: Any, labels: list[str] = LABELS) -> torch.Tensor:
@@ -509,3 +516,98 @@ def test_small_cache_evicts_the_least_recent_adapter_and_both_still_serve(
     evictions = scrape(client)[("speft_adapter_cache_evictions_total",
                                 frozenset({("model", "stories-260k")}))]
     assert evictions == 2
+
+
+# --- one bad request never fails its batch-mates; input limits -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching_client(tmp_path_factory: pytest.TempPathFactory, lm_deltas: dict[str, Delta]
+                    ) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """An app that waits 200 ms to fill a batch, and alice's completion adapters A and B."""
+    with ExitStack() as stack:
+        client = start_client(stack, tmp_path_factory.mktemp("batching"), api_keys=KEYS,
+                              inference_max_wait_ms=200)
+        client.app.state.enqueue_job = lambda job_id, device: None
+        yield client, {key: store_lm(client, delta) for key, delta in lm_deltas.items()}
+
+
+def test_settings_that_underflow_and_bad_text_fail_no_batch_mate_across_tenants(
+        batching_client, lm_reference):
+    """Alice's (adapters A and B) and bob's (the base model) requests share batches with tiny
+    temperatures and top-p (safe now: greedy) and a prompt the tokenizer cannot encode (a 400
+    for it alone)."""
+    client, ids = batching_client
+    requests: list[tuple[dict[str, str], str | None, str, dict[str, Any]]] = [
+        (ALICE, "A", PROMPTS[0], {}), (ALICE, "B", PROMPTS[1], {}), (BOB, None, PROMPTS[2], {}),
+        (ALICE, "A", PROMPTS[2], {"temperature": 1e-40, "seed": 1}),
+        (BOB, None, PROMPTS[3], {"temperature": 1.0, "top_p": 1e-300, "seed": 2}),
+        (BOB, None, "\ud800", {}), (ALICE, "B", PROMPTS[0], {"temperature": 1e-40}),
+        (ALICE, "A", PROMPTS[1], {"temperature": 1e-40, "stream": True}),
+    ]
+
+    def run(request: tuple[dict[str, str], str | None, str, dict[str, Any]]) -> Any:
+        headers, key, prompt, fields = request
+        return complete(client, ids[key] if key else None, prompt, headers=headers, **fields)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(run, requests))
+    for (_, key, prompt, fields), response in zip(requests, responses, strict=True):
+        if prompt == "\ud800":
+            assert_error(response, 400, "prompt")
+        elif fields.get("stream"):
+            events = sse_events(response)
+            text = "".join(e["choices"][0]["text"] for e in events[:-1])
+            assert text == lm_reference(key, prompt).text and events[-1] == "[DONE]"
+        else:
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == lm_reference(key, prompt).text
+
+
+def test_an_unencodable_classification_input_is_400_and_others_are_served(
+        client, cls_ids, cls_deltas, cls_reference):
+    with ThreadPoolExecutor(4) as pool:
+        bad = pool.submit(classify, client, cls_ids["A"], ["fine", "\ud800"])
+        good = [pool.submit(classify, client, cls_ids["A"], TEXTS) for _ in range(3)]
+        assert_error(bad.result(), 400, "input", "invalid_config")
+        want = cls_reference(cls_deltas["A"], TEXTS)
+        for response in good:
+            torch.testing.assert_close(probs_of(response.result()), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("path,change,param,where", [
+    ("/v1/classifications", {"input": ["ok", "x" * 100_001]}, "input", "input[1]"),
+    ("/v1/classifications", {"input": "x" * 100_001}, "input", "input has"),
+    ("/v1/completions", {"prompt": "x " * 50_001}, "prompt", "prompt has"),
+])
+def test_texts_over_the_character_limit_are_400_naming_the_field(client, path, change, param,
+                                                                 where):
+    body = ({"model": "minilm-l6", "adapter": "adapter-x", "input": ["x"]}
+            if path == "/v1/classifications" else {"model": "stories-260k", "prompt": "x"})
+    response = client.post(path, json={**body, **change}, headers=ALICE)
+    assert_error(response, 400, param, "invalid_request")
+    assert where in response.json()["error"]["message"]
+    assert "100,000" in response.json()["error"]["message"]
+
+
+def test_the_character_limit_is_a_setting(make_client: ClientFactory, cls_deltas):
+    client = make_client(api_keys=KEYS, inference_max_input_chars=10)
+    client.app.state.enqueue_job = lambda job_id, device: None
+    adapter_id = store_cls(client, cls_deltas["A"])
+    assert classify(client, adapter_id, ["x" * 10]).status_code == 200
+    assert_error(classify(client, adapter_id, ["x" * 11]), 400, "input")
+    assert_error(complete(client, None, "x" * 11), 400, "prompt")
+
+
+def test_a_long_input_within_the_limit_is_fast_and_classified_as_a_whole(
+        client, cls_ids, cls_deltas, cls_reference):
+    text = "the cast was superb but the plot dragged " * 2_400  # ~98k characters
+    started = time.perf_counter()
+    response = classify(client, cls_ids["A"], [text, TEXTS[0]])
+    assert time.perf_counter() - started < 5
+    torch.testing.assert_close(probs_of(response), cls_reference(cls_deltas["A"], [text, TEXTS[0]]),
+                               atol=ATOL, rtol=0)
+
+
+def test_a_prompt_longer_than_the_model_reads_is_400_naming_prompt(client):
+    assert_error(complete(client, None, "Once upon a time " * 5_000), 400, "prompt")
