@@ -27,11 +27,10 @@ log = logging.getLogger(__name__)
 def open_app_storage(settings: Settings) -> Storage:
     """The configured storage; if it is down at startup, opened without creating it (readyz says so)."""
     try:
-        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+        return open_storage(settings)
     except StorageUnavailable as err:
         log.warning("storage unavailable at startup: %s", err.message)
-        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url,
-                            create=False)
+        return open_storage(settings, create=False)
 
 
 def _prepare_database(app: FastAPI) -> None:

@@ -90,7 +90,7 @@ def delete_attempt_objects(storage: Storage, adapter_id: str, attempts: range) -
 def get_storage() -> Storage:
     """This process's object storage, from SPEFT_STORAGE_URL (clear with get_storage.cache_clear())."""
     settings = get_settings()
-    return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    return open_storage(settings)
 
 
 def worker_name() -> str:
