@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, select, text
 from typer.testing import CliRunner
 
 from api.cli import app as cli
-from api.cli import serves_open
+from api.cli.admin import serves_open
 from api.core.config import Settings
 from api.core.models import ApiKey, hash_api_key
 from tests.api.conftest import ClientFactory
