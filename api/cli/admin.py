@@ -1,5 +1,5 @@
 """Server-side administration that writes the database directly: `speft models register` and
-`speft keys create|revoke|list`; also whether the API would serve in open mode."""
+`speft keys create|revoke|list`."""
 from __future__ import annotations
 
 import json
@@ -53,16 +53,6 @@ def admin_errors() -> Iterator[None]:
     except ApiError as err:
         console.print(f"[red]error ({err.param}):[/red] {err.message}", highlight=False)
         raise typer.Exit(code=2) from err
-
-
-def serves_open(settings: Settings) -> bool:
-    """Whether the API would start in open mode: no SPEFT_API_KEYS and no unrevoked stored key."""
-    if not settings.open_mode:
-        return False
-    from api.services.tenants import is_open_mode
-
-    with database_session(settings) as session:
-        return is_open_mode(session, settings=settings)
 
 
 @models_app.command("register")
@@ -142,7 +132,8 @@ def keys_revoke(
 def keys_list(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
 ) -> None:
-    """List stored API keys (ids and prefixes, never the keys), oldest first; times in UTC."""
+    """List stored API keys (ids and prefixes, never the keys), oldest first; times in UTC.
+    `unconfigured`: a SPEFT_API_KEYS key missing from the configuration since then."""
     from api.core.models import API_KEY_PREFIX_LENGTH
     from api.services.tenants import list_api_keys
 
@@ -152,9 +143,9 @@ def keys_list(
     # Id and prefix stay whole (they are what `speft keys revoke` takes); the rest may wrap.
     table.add_column("id", no_wrap=True, min_width=ID_COLUMN_WIDTH)
     table.add_column("prefix", no_wrap=True, min_width=API_KEY_PREFIX_LENGTH)
-    for name in ("tenant", "created", "revoked"):
+    for name in ("tenant", "created", "revoked", "unconfigured"):
         table.add_column(name)
     for row, tenant_name in keys:
         table.add_row(row.id, row.prefix, tenant_name, _timestamp(row.created_at),
-                      _timestamp(row.revoked_at))
+                      _timestamp(row.revoked_at), _timestamp(row.unconfigured_at))
     out.print(table)

@@ -10,14 +10,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from api.cli.admin import serves_open
+from api.cli.admin import database_session
 from api.cli.console import console, load_settings
+from api.core.config import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 SHUTDOWN_GRACE_S = 10.0
+# How `speft serve` hands its open-mode decision to the app in each uvicorn worker process.
+OPEN_MODE_ENV = "SPEFT_SERVE_OPEN_MODE"
 
 
 def is_loopback(host: str) -> bool:
@@ -43,7 +49,8 @@ def serve(
     settings = load_settings()
     host = host or settings.host
     port = port or settings.port
-    if serves_open(settings):
+    open_mode = serves_open(settings)  # decided once, before binding: the guard and the app
+    if open_mode:
         if not is_loopback(host):
             console.print(f"[red]error (--host):[/red] open mode binds to 127.0.0.1 only; "
                           f"set SPEFT_API_KEYS or create a key (speft keys create) to listen "
@@ -51,8 +58,26 @@ def serve(
             raise typer.Exit(code=2)
         console.print("[yellow]open mode:[/yellow] no SPEFT_API_KEYS set and no API key in the "
                       "database; single tenant, no authentication, loopback only")
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
+    os.environ[OPEN_MODE_ENV] = "1" if open_mode else "0"  # for served_app, in every worker
+    uvicorn.run(f"{__name__}:served_app", factory=True, host=host, port=port, workers=workers,
                 access_log=access_log)
+
+
+def serves_open(settings: Settings) -> bool:
+    """Migrate the database, sync SPEFT_API_KEYS and decide open mode (no configured key, no
+    usable stored key): what `speft serve` binds with and hands to the app."""
+    from api.services.tenants import decide_open_mode
+
+    with database_session(settings) as session:
+        return decide_open_mode(session, settings=settings)
+
+
+def served_app() -> FastAPI:
+    """The app `speft serve` runs (uvicorn factory), in the open mode the launcher decided."""
+    from api.main import create_app
+
+    decided = os.environ.get(OPEN_MODE_ENV)
+    return create_app(open_mode=None if decided is None else decided == "1")
 
 
 def worker_devices(device: str, *, cuda_available: bool) -> list[str]:
