@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -123,12 +121,12 @@ def worker(
     from worker.celery_app import app as celery_app
 
     # Every worker also consumes the control queue and embeds a beat that schedules the
-    # reconciler there (sweeps are idempotent, so one per worker is harmless).
+    # reconciler there (sweeps are idempotent, so one per worker is harmless); the beat keeps
+    # its schedule in memory and exits with the worker (worker.celery_app).
     queues = f"{queues},{settings.control_queue}"
-    schedule = Path(tempfile.gettempdir()) / f"speft-beat-{os.getpid()}"
     celery_app.worker_main(["worker", f"--queues={queues}",
                             f"--concurrency={concurrency}", f"--pool={pool}",
-                            f"--loglevel={loglevel}", "--beat", f"--schedule={schedule}"])
+                            f"--loglevel={loglevel}", "--beat"])
 
 
 def _stop(processes: list[subprocess.Popen[bytes]], sig: int) -> None:
