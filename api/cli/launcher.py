@@ -34,7 +34,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# -- server processes --------------------------------------------------------------------------
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default SPEFT_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default SPEFT_PORT)")] = None,
