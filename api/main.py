@@ -27,22 +27,23 @@ log = logging.getLogger(__name__)
 def open_app_storage(settings: Settings) -> Storage:
     """The configured storage; if it is down at startup, opened without creating it (readyz says so)."""
     try:
-        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+        return open_storage(settings)
     except StorageUnavailable as err:
         log.warning("storage unavailable at startup: %s", err.message)
-        return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url,
-                            create=False)
+        return open_storage(settings, create=False)
 
 
 def _prepare_database(app: FastAPI) -> None:
-    """Migrate to head, sync configured API keys, decide open mode (no key in the environment
-    or the database) and register the built-in base models."""
+    """Migrate to head, take the open-mode decision given to create_app (else sync configured
+    API keys and decide it here) and register the built-in base models."""
     settings: Settings = app.state.settings
     upgrade_database(settings.database_url)
     with app.state.sessions.begin() as session:
-        tenants.sync_configured_keys(session, settings=settings)
+        decided = app.state.open_mode_decided
+        if decided is None:  # not decided by the launcher (`speft serve`): decide it now
+            decided = tenants.decide_open_mode(session, settings=settings)
         register_builtin_models(session)
-        app.state.open_mode = tenants.is_open_mode(session, settings=settings)
+        app.state.open_mode = decided
         if app.state.open_mode:  # one tenant for every request: resolved once, not per request
             log.info("open mode: no API key configured or stored; single tenant, "
                         "no authentication")
@@ -77,12 +78,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app for `settings` (default: the environment); storage and schema are set up at startup."""
+def create_app(settings: Settings | None = None, *, open_mode: bool | None = None) -> FastAPI:
+    """A new app for `settings` (default: the environment); storage and schema are set up at startup.
+
+    `open_mode`: the decision `speft serve` took before binding (keys synced); None: the app
+    syncs the keys and decides it at start-up."""
     settings = settings or get_settings()
     app = FastAPI(title="speft", version="1", lifespan=lifespan)
     app.state.settings = settings
-    app.state.open_mode = False  # decided at start-up; until then every request needs a key
+    app.state.open_mode_decided = open_mode
+    app.state.open_mode = False  # in effect from start-up on; until then every request needs a key
     app.state.rate_limiter = TenantRateLimiter.from_settings(settings)
     app.state.engine = engine_for(settings)
     app.state.sessions = session_factory(app.state.engine)

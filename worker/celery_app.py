@@ -1,12 +1,28 @@
 """The consuming Celery app: `api.core.queue`'s configured app plus the tasks, the reconciler's
-beat schedule and the DB pool disposal after fork (children never share sockets)."""
+beat schedule and the DB pool disposal after fork (children never share sockets).
+
+The beat a worker embeds (`--beat`) keeps its schedule in memory (no file) and exits as soon as
+its worker's main process is gone, also after a SIGKILL that gave the worker no time to stop it.
+"""
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import beat_embedded_init, worker_init, worker_process_init
 
 from api.core.config import Settings, get_settings
 from api.core.queue import RECONCILE_TASK, configured_celery
+
+log = logging.getLogger(__name__)
+
+# The reconciler's schedule is an interval; nothing about it is worth a file between starts.
+IN_MEMORY_BEAT_SCHEDULER = "celery.beat:Scheduler"
+PARENT_POLL_S = 0.5  # how often an embedded beat checks that its worker still runs
+_worker_pid: int | None = None  # the worker's main process, remembered before beat forks
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -15,6 +31,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app = configured_celery(settings, include=["worker.tasks"])
     # The reconciler (worker.tasks.reconcile), sent by the beat each worker embeds to the control
     # queue every worker reads; a sweep nobody picked up in time expires instead of piling up.
+    app.conf.beat_scheduler = IN_MEMORY_BEAT_SCHEDULER
     app.conf.beat_schedule = {"speft-reconcile": {
         "task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s,
         "options": {"queue": settings.control_queue, "expires": settings.reconcile_interval_s}}}
@@ -27,6 +44,27 @@ def _dispose_db_pool_after_fork(**_: object) -> None:
     from api.core.db import dispose_engine
 
     dispose_engine()
+
+
+@worker_init.connect
+def _remember_worker_pid(**_: object) -> None:
+    """Note the worker's main process (its embedded beat is forked from it later)."""
+    global _worker_pid
+    _worker_pid = os.getpid()
+
+
+@beat_embedded_init.connect
+def _exit_with_the_worker(**_: object) -> None:
+    """In an embedded beat process: exit as soon as the worker that forked it is gone."""
+    parent = _worker_pid or os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        log.warning("beat: worker %d is gone; exiting", parent)
+        os._exit(0)  # no state to save: the schedule lives in memory
+
+    threading.Thread(target=watch, name="beat-parent-watch", daemon=True).start()
 
 
 app = create_celery()

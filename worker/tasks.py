@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 def get_storage() -> Storage:
     """This process's object storage, from SPEFT_STORAGE_URL (clear with get_storage.cache_clear())."""
     settings = get_settings()
-    return open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    return open_storage(settings)
 
 
 def worker_name() -> str:

@@ -21,6 +21,9 @@ MiB = 1024 * 1024
 
 # A tenant name as it may appear in SPEFT_API_KEYS, SPEFT_DEFAULT_TENANT and the tenants table.
 TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A key in SPEFT_API_KEYS: what an `Authorization: Bearer` header carries (RFC 6750 b64token).
+API_KEY_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+_API_KEYS_SHAPE = "expected 'key1:tenantA,key2:tenantB'"
 QUEUE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 Device = Literal["cpu", "cuda"]  # a job's device kind; also its queue's name
 STORAGE_SCHEMES = ("file", "s3")
@@ -35,27 +38,32 @@ def _env(field: str) -> str:
 
 
 def parse_api_keys(value: str) -> dict[str, str]:
-    """Parse `key1:tenantA,key2:tenantB` into {key: tenant}; raise ValueError naming SPEFT_API_KEYS."""
+    """Parse `key1:tenantA,key2:tenantB` into {key: tenant}; empty (or blank): no keys. Raise
+    ValueError naming SPEFT_API_KEYS and the entry at fault, never echoing a key."""
+    if not value.strip():
+        return {}
     keys: dict[str, str] = {}
-    var = _env("api_keys")
     for position, entry in enumerate(value.split(","), start=1):
+        where = f"{_env('api_keys')}: entry {position}"
         entry = entry.strip()
         if not entry:
-            continue
-        key, sep, tenant = entry.rpartition(":")
-        key, tenant = key.strip(), tenant.strip()
-        if not sep or not key or not tenant:
-            raise ValueError(
-                f"{var}: entry {position} is not 'key:tenant' "
-                f"(expected 'key1:tenantA,key2:tenantB')"
-            )
+            raise ValueError(f"{where} is empty (a stray ','); {_API_KEYS_SHAPE}")
+        hint = "; entries are separated by ',' (not ';')" if ";" in entry else ""
+        if entry.count(":") != 1:
+            raise ValueError(f"{where} has {entry.count(':')} ':' where 'key:tenant' has "
+                             f"one{hint}; {_API_KEYS_SHAPE}")
+        key, _, tenant = (part.strip() for part in entry.partition(":"))
+        if not key or not tenant:
+            raise ValueError(f"{where} has an empty {'key' if not key else 'tenant'}; "
+                             f"{_API_KEYS_SHAPE}")
+        if not API_KEY_RE.match(key):
+            raise ValueError(f"{where}: the key has a character a Bearer token cannot carry "
+                             "(letters, digits, '-', '.', '_', '~', '+', '/', then '=' padding)")
         if not TENANT_NAME_RE.match(tenant):
-            raise ValueError(
-                f"{var}: entry {position} has an invalid tenant name {tenant!r} "
-                "(letters, digits, '_', '.', '-'; at most 64)"
-            )
+            raise ValueError(f"{where}: the tenant name is not letters, digits, '_', '.', '-' "
+                             f"(starting with a letter or digit; at most 64){hint}")
         if key in keys:
-            raise ValueError(f"{var}: entry {position} repeats a key already given")
+            raise ValueError(f"{where} repeats a key already given")
         keys[key] = tenant
     return keys
 
@@ -69,7 +77,7 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # None: the embedded broker
     storage_url: str = "file://./var/storage"
     s3_endpoint_url: str | None = None
-    api_keys: str = ""  # "key1:tenantA,key2:tenantB"; empty: single-tenant open mode
+    api_keys: str = ""  # "key1:tenantA,key2:tenantB"; empty (or blank): no configured key
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 100 * MiB

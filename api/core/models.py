@@ -187,7 +187,11 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(API_KEY_PREFIX_LENGTH))
     created_at: Mapped[datetime] = _created_at()
+    # Set by `speft keys revoke`: refused for good, also while configured in SPEFT_API_KEYS.
     revoked_at: Mapped[datetime | None]
+    # A configured key (SPEFT_API_KEYS) missing from the configuration of the last start:
+    # refused while missing, usable again once configured again. Always NULL for created keys.
+    unconfigured_at: Mapped[datetime | None]
 
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 

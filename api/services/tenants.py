@@ -1,15 +1,17 @@
 """Tenants and API keys: keys made by `speft keys` or configured in SPEFT_API_KEYS, stored only as
 sha256 plus a display prefix; keys resolved to tenants; open mode decided.
 
-Keys from SPEFT_API_KEYS are synced at start-up with ids `key-env-…`: one taken out of the
-variable is revoked at the next start. A revoked key stays revoked, also if it is configured again.
+Keys from SPEFT_API_KEYS are synced at start-up with ids `key-env-…`. One missing from the
+variable at a start is set aside (`unconfigured_at`, logged by prefix): refused while missing,
+usable again once configured again. Only `speft keys revoke` revokes (`revoked_at`): a revoked
+key stays refused, also while it is configured.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.core.config import TENANT_NAME_RE, Settings
@@ -42,10 +44,26 @@ def display_prefix(key: str) -> str:
     return api_key_prefix(key) if len(key) >= MIN_PREFIXED_KEY_LENGTH else ""
 
 
+def usable_key() -> ColumnElement[bool]:
+    """The condition a stored key must meet to authenticate: not revoked, not unconfigured."""
+    return and_(ApiKey.revoked_at.is_(None), ApiKey.unconfigured_at.is_(None))
+
+
+def _configured_key() -> ColumnElement[bool]:
+    """Rows synced from SPEFT_API_KEYS (not made by `speft keys create`)."""
+    return ApiKey.id.startswith(f"{CONFIGURED_KEY_ID_PREFIX}-")
+
+
+def _names(rows: list[ApiKey]) -> str:
+    """Keys named for a log line: their display prefix, or their id when they have none."""
+    return ", ".join(row.prefix or row.id for row in rows)
+
+
 def sync_configured_keys(session: Session, *, settings: Settings) -> None:
-    """Store SPEFT_API_KEYS as hashed keys of their tenants and revoke configured keys no longer
-    listed (idempotent)."""
+    """Store SPEFT_API_KEYS as hashed keys of their tenants, usable again if they were set aside,
+    and set aside (with a warning naming them) configured keys no longer listed (idempotent)."""
     configured = settings.api_key_tenants
+    hashes = [hash_api_key(key) for key in configured]
     for key, tenant_name in configured.items():
         if len(key) < MIN_PREFIXED_KEY_LENGTH:
             log.warning("SPEFT_API_KEYS: the key of tenant %s is shorter than %d characters; "
@@ -55,31 +73,46 @@ def sync_configured_keys(session: Session, *, settings: Settings) -> None:
             id=new_id(CONFIGURED_KEY_ID_PREFIX), tenant_id=tenant.id, key_hash=hash_api_key(key),
             prefix=display_prefix(key), created_at=utcnow(),
         )
-        # A key moved to another tenant in the configuration follows it.
+        # A key moved to another tenant in the configuration follows it; a revocation stays.
         session.execute(statement.on_conflict_do_update(
-            index_elements=["key_hash"], set_={"tenant_id": tenant.id}
+            index_elements=["key_hash"], set_={"tenant_id": tenant.id, "unconfigured_at": None}
         ))
-    session.execute(update(ApiKey).where(
-        ApiKey.id.startswith(f"{CONFIGURED_KEY_ID_PREFIX}-"), ApiKey.revoked_at.is_(None),
-        ApiKey.key_hash.not_in([hash_api_key(key) for key in configured]),
-    ).values(revoked_at=utcnow()))
+    revoked = list(session.scalars(select(ApiKey).where(
+        ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_not(None)).order_by(ApiKey.id)))
+    if revoked:
+        log.warning("SPEFT_API_KEYS lists %d key(s) revoked with `speft keys revoke` (%s): they "
+                    "stay refused", len(revoked), _names(revoked))
+    dropped = list(session.scalars(select(ApiKey).where(
+        _configured_key(), usable_key(), ApiKey.key_hash.not_in(hashes)).order_by(ApiKey.id)))
+    if dropped:
+        log.warning("SPEFT_API_KEYS no longer lists %d configured key(s) (%s): refused until "
+                    "configured again (`speft keys revoke` refuses one for good)",
+                    len(dropped), _names(dropped))
+        session.execute(update(ApiKey).where(ApiKey.id.in_([row.id for row in dropped]))
+                        .values(unconfigured_at=utcnow()))
 
 
 def has_active_keys(session: Session) -> bool:
-    """True when the database holds at least one unrevoked API key."""
-    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+    """True when the database holds at least one usable API key."""
+    return session.scalar(select(ApiKey.id).where(usable_key()).limit(1)) is not None
 
 
 def is_open_mode(session: Session, *, settings: Settings) -> bool:
-    """Open mode (one tenant, no authentication): no SPEFT_API_KEYS and no unrevoked stored key."""
+    """Open mode (one tenant, no authentication): no SPEFT_API_KEYS and no usable stored key."""
     return settings.open_mode and not has_active_keys(session)
 
 
+def decide_open_mode(session: Session, *, settings: Settings) -> bool:
+    """At start-up, on a migrated database: sync SPEFT_API_KEYS, then decide open mode."""
+    sync_configured_keys(session, settings=settings)
+    return is_open_mode(session, settings=settings)
+
+
 def tenant_for_api_key(session: Session, *, key: str) -> Tenant | None:
-    """The tenant owning the unrevoked API key `key`, or None."""
+    """The tenant owning the usable API key `key`, or None."""
     return session.scalar(
         select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_hash == hash_api_key(key), usable_key())
     )
 
 

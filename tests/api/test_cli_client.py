@@ -13,7 +13,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from api.cli import app, is_loopback, job_body, worker_devices
+from api.cli import app
+from api.cli.client_commands import job_body
+from api.cli.launcher import is_loopback, worker_devices
 from tests.fixtures.s3 import _free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,25 +2,32 @@
 a display prefix; open mode only while neither SPEFT_API_KEYS nor the database holds a key."""
 from __future__ import annotations
 
+import logging
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import Result
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 from typer.testing import CliRunner
 
 from api.cli import app as cli
-from api.cli import serves_open
+from api.cli.launcher import serves_open
 from api.core.config import Settings
 from api.core.models import ApiKey, hash_api_key
+from api.main import create_app
 from tests.api.conftest import ClientFactory
+from tests.fixtures.processes import REPO, kill, service_env, spawn_cli
+from tests.fixtures.s3 import _free_port
 
 runner = CliRunner()
 KEY_RE = re.compile(r"^sk-[A-Za-z0-9_-]{43}$")
 LONG_A = "alice-key-0123456789abcdef"
 LONG_B = "bob-key-0123456789abcdef"
+SERVE_EXIT_TIMEOUT_S = 60.0
 
 
 def keys(database_url: str, *args: str) -> Result:
@@ -149,14 +156,83 @@ def test_serve_says_open_mode_considers_stored_keys(tmp_path: Path) -> None:
         refused.stderr)
 
 
-def test_key_taken_out_of_the_environment_is_revoked_at_next_start(
-        make_client: ClientFactory) -> None:
+def test_key_taken_out_of_the_environment_is_refused_until_configured_again(
+        make_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
     make_client(api_keys=f"{LONG_A}:alice,{LONG_B}:bob")
-    client = make_client(api_keys=f"{LONG_B}:bob")
+    with caplog.at_level(logging.WARNING, logger="api.services.tenants"):
+        client = make_client(api_keys=f"{LONG_B}:bob")
+    assert LONG_A[:8] in caplog.text and LONG_A not in caplog.text  # the prefix, never the key
+    assert LONG_B[:8] not in caplog.text
     assert client.get("/v1/files", headers=bearer(LONG_A)).status_code == 401
     assert client.get("/v1/files", headers=bearer(LONG_B)).status_code == 200
-    again = make_client(api_keys=f"{LONG_A}:alice,{LONG_B}:bob")  # revoked stays revoked
+    again = make_client(api_keys=f"{LONG_A}:alice,{LONG_B}:bob")
+    assert again.get("/v1/files", headers=bearer(LONG_A)).status_code == 200
+
+
+def test_configured_key_works_again_after_one_start_without_any(make_client: ClientFactory) -> None:
+    make_client(api_keys=f"{LONG_A}:alice")
+    assert make_client().get("/v1/files").status_code == 200  # a start without SPEFT_API_KEYS
+    client = make_client(api_keys=f"{LONG_A}:alice")
+    response = client.get("/v1/files", headers=bearer(LONG_A))
+    assert response.status_code == 200, response.text
+
+
+def test_revoked_configured_key_stays_revoked_when_configured_again(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'speft.db'}"
+    make_client(api_keys=f"{LONG_A}:alice,{LONG_B}:bob")
+    assert keys(url, "revoke", LONG_A[:8]).exit_code == 0
+    make_client(api_keys=f"{LONG_B}:bob")
+    again = make_client(api_keys=f"{LONG_A}:alice,{LONG_B}:bob")
     assert again.get("/v1/files", headers=bearer(LONG_A)).status_code == 401
+    assert again.get("/v1/files", headers=bearer(LONG_B)).status_code == 200
+
+
+def _serve_until_exit(args: list[str], tmp_path: Path, **speft: str) -> tuple[int | None, str]:
+    """Run `speft serve ARGS` as a real process until it exits (its code and output), or for
+    SERVE_EXIT_TIMEOUT_S (None: it was still serving, then killed)."""
+    log_path = tmp_path / "serve.log"
+    env = service_env(SPEFT_DATABASE_URL=f"sqlite:///{tmp_path / 'speft.db'}",
+                      SPEFT_STORAGE_URL=f"file://{tmp_path / 'storage'}", **speft)
+    with log_path.open("wb") as log:
+        process = spawn_cli(["serve", *args, "--port", str(_free_port())], env, REPO, log)
+        try:
+            code: int | None = process.wait(timeout=SERVE_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            kill(process)
+    return code, log_path.read_text(errors="replace")
+
+
+def test_serve_refuses_a_public_host_when_the_configuration_drops_every_key(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    make_client(api_keys=f"{LONG_A}:alice")  # a keyed start stored the configured key
+    code, output = _serve_until_exit(["--host", "0.0.0.0"], tmp_path, SPEFT_API_KEYS="")
+    assert code == 2, f"speft serve kept serving open mode on 0.0.0.0:\n{output}"
+    assert "open mode binds to 127.0.0.1 only" in output
+    assert LONG_A[:8] in output and LONG_A not in output  # the dropped key, named by prefix
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (",,,", "entry 1 is empty"),
+    ("k1:a;k2:b", "entry 1 has 2 ':'"),
+])
+def test_serve_refuses_malformed_api_keys_naming_the_problem(tmp_path: Path, value: str,
+                                                             problem: str) -> None:
+    code, output = _serve_until_exit([], tmp_path, SPEFT_API_KEYS=value)
+    assert code == 2, f"speft serve started with SPEFT_API_KEYS={value!r}:\n{output}"
+    assert f"SPEFT_API_KEYS: {problem}" in output
+    assert "k1" not in output.replace(value, "")  # no part of a key echoed back
+
+
+def test_app_keeps_the_open_mode_decision_it_is_given(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'speft.db'}",
+                        storage_url=f"file://{tmp_path / 'storage'}")
+    with TestClient(create_app(settings, open_mode=False)) as client:  # decided by `speft serve`
+        assert client.get("/v1/files").status_code == 401  # the app does not decide it again
+    with TestClient(create_app(settings)) as client:  # not given: the app decides (open)
+        assert client.get("/v1/files").status_code == 200
 
 
 def test_short_configured_key_is_stored_without_a_prefix(make_client: ClientFactory) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from api.cli import app as cli
 from api.core.models import RegisteredModel
-from api.core.storage import LocalStorage, Storage, open_storage
+from api.core.storage import LocalStorage, Storage, open_storage_url
 from api.errors import InvalidRequest
 from api.services.models import register_local_model, register_stored_model
 from tests.worker.test_model_cache import STORIES_PARAMS, tar_folder, tar_members
@@ -58,7 +58,7 @@ def test_re_registering_as_a_folder_forgets_the_archive(
 
 def test_register_from_s3(db_sessions: sessionmaker[Session], s3_storage_url, s3_endpoint,
                           tmp_path, stories_dir):
-    storage = open_storage(s3_storage_url, s3_endpoint_url=s3_endpoint)
+    storage = open_storage_url(s3_storage_url, s3_endpoint_url=s3_endpoint)
     stored = storage.put(KEY, tar_folder(stories_dir, top="stories260k"))
     with db_sessions() as session, session.begin():
         row = _register(session, storage, tmp_path / "cache")

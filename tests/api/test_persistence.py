@@ -375,7 +375,7 @@ def test_settings_defaults_match_design(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_parse_api_keys_from_env(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("SPEFT_API_KEYS", "key1:tenantA, key2:tenantB,")
+    clean_env.setenv("SPEFT_API_KEYS", "key1:tenantA, key2:tenantB")
     clean_env.setenv("SPEFT_BROKER_URL", "redis://127.0.0.1:6379/0")
     settings = Settings()
     assert settings.api_key_tenants == {"key1": "tenantA", "key2": "tenantB"}
@@ -383,7 +383,9 @@ def test_settings_parse_api_keys_from_env(clean_env: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.parametrize("value", ["key1", "key1:tenantA,key2", ":tenantA", "key1:",
-                                   "key1:tenantA,key1:tenantB", "key1:bad tenant"])
+                                   "key1:tenantA,key1:tenantB", "key1:bad tenant", ",,,",
+                                   "key1:tenantA,", "k1:a;k2:b", "k:ey:tenantA",
+                                   "key 1:tenantA", "key1:" + "t" * 65])
 def test_settings_reject_malformed_api_keys(clean_env: pytest.MonkeyPatch, value: str) -> None:
     clean_env.setenv("SPEFT_API_KEYS", value)
     with pytest.raises(ValidationError, match="SPEFT_API_KEYS"):

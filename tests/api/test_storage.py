@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from api.core.config import Settings
 from api.core.storage import (
     ChecksumMismatch,
     LocalStorage,
@@ -22,6 +23,7 @@ from api.core.storage import (
     StorageUnavailable,
     StoredObject,
     open_storage,
+    open_storage_url,
     validate_key,
 )
 
@@ -34,9 +36,9 @@ KEY = "files/file-abc123.jsonl"
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     """A fresh, empty store of each backend kind."""
     if request.param == "file":
-        return open_storage(f"file://{tmp_path / 'storage'}")
-    url = request.getfixturevalue("s3_storage_url")
-    return open_storage(url, s3_endpoint_url=request.getfixturevalue("s3_endpoint"))
+        return open_storage(Settings(storage_url=f"file://{tmp_path / 'storage'}"))
+    return open_storage(Settings(storage_url=request.getfixturevalue("s3_storage_url"),
+                                 s3_endpoint_url=request.getfixturevalue("s3_endpoint")))
 
 
 @pytest.fixture
@@ -295,16 +297,16 @@ def test_open_storage_file_url_is_relative_to_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    store = open_storage("file://./var/storage")
+    store = open_storage_url("file://./var/storage")
     assert isinstance(store, LocalStorage)
     assert store.root == (tmp_path / "var" / "storage").resolve()
     assert store.root.is_dir()
-    absolute = open_storage(f"file://{tmp_path / 'abs'}")
+    absolute = open_storage_url(f"file://{tmp_path / 'abs'}")
     assert isinstance(absolute, LocalStorage) and absolute.root == (tmp_path / "abs").resolve()
 
 
 def test_open_storage_file_without_create_reports_unavailable(tmp_path: Path) -> None:
-    store = open_storage(f"file://{tmp_path / 'missing'}", create=False)
+    store = open_storage(Settings(storage_url=f"file://{tmp_path / 'missing'}"), create=False)
     assert not (tmp_path / "missing").exists()
     with pytest.raises(StorageUnavailable):
         store.check()
@@ -318,11 +320,11 @@ def test_open_storage_file_without_create_reports_unavailable(tmp_path: Path) ->
 )
 def test_open_storage_refuses_unknown_or_malformed_urls(url: str) -> None:
     with pytest.raises(ValueError, match="storage URL|storage key"):
-        open_storage(url)
+        open_storage_url(url)
 
 
 def test_s3_objects_are_stored_under_the_prefix(s3_endpoint: str, s3_storage_url: str) -> None:
-    store = open_storage(s3_storage_url, s3_endpoint_url=s3_endpoint)
+    store = open_storage_url(s3_storage_url, s3_endpoint_url=s3_endpoint)
     assert isinstance(store, S3Storage) and store.prefix == "prefix"
     store.put(KEY, b"data")
     head = store._client.head_object(Bucket=store.bucket, Key=f"prefix/{KEY}")
@@ -331,16 +333,17 @@ def test_s3_objects_are_stored_under_the_prefix(s3_endpoint: str, s3_storage_url
 
 
 def test_s3_create_false_does_not_create_the_bucket(s3_endpoint: str, s3_storage_url: str) -> None:
-    store = open_storage(s3_storage_url, s3_endpoint_url=s3_endpoint, create=False)
+    store = open_storage_url(s3_storage_url, s3_endpoint_url=s3_endpoint, create=False)
     with pytest.raises(StorageUnavailable):
         store.check()
-    open_storage(s3_storage_url, s3_endpoint_url=s3_endpoint)  # creates it
+    open_storage_url(s3_storage_url, s3_endpoint_url=s3_endpoint)  # creates it
     store.check()
-    open_storage(s3_storage_url, s3_endpoint_url=s3_endpoint)  # and again: already there
+    open_storage_url(s3_storage_url, s3_endpoint_url=s3_endpoint)  # and again: already there
 
 
 def test_s3_unreachable_endpoint_is_unavailable_quickly(s3_endpoint: str) -> None:
-    store = open_storage("s3://bucket/prefix", s3_endpoint_url="http://127.0.0.1:1", create=False)
+    store = open_storage_url("s3://bucket/prefix", s3_endpoint_url="http://127.0.0.1:1",
+                             create=False)
     started = time.monotonic()
     with pytest.raises(StorageUnavailable):
         store.check()

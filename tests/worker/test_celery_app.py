@@ -1,7 +1,9 @@
-"""A real Celery worker process consumes our messages over Redis and over the embedded broker."""
+"""A real Celery worker process consumes our messages over Redis and over the embedded broker;
+`speft worker`'s embedded beat lives no longer than its worker and leaves no schedule file."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,9 +16,12 @@ import redis
 
 from api.core.config import Settings
 from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, broker_url
+from tests.fixtures.processes import kill, service_env, spawn_cli
 from worker.celery_app import create_celery
 
 REPO = Path(__file__).resolve().parents[2]
+WORKER_START_TIMEOUT_S = 120.0
+ORPHAN_TIMEOUT_S = 5.0
 
 PROBE_MODULE = textwrap.dedent('''
     import os, pathlib
@@ -99,3 +104,57 @@ def test_the_worker_app_consumes_every_task_name_the_api_sends():
 
     assert {RUN_JOB_TASK, RECONCILE_TASK} <= set(app.tasks)
     assert app.conf.beat_schedule["speft-reconcile"]["task"] == RECONCILE_TASK
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _stat(int(entry.name))[1:2] == [str(pid)]:
+            children.append(int(entry.name))
+    return children
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, …); [] once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped has exited)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_the_worker_main_process_leaves_no_beat_behind(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = service_env(SPEFT_DATABASE_URL=f"sqlite:///{tmp_path / 'speft.db'}",
+                      SPEFT_STORAGE_URL=f"file://{tmp_path / 'storage'}",
+                      SPEFT_QUEUE_PREFIX=f"beat-{uuid.uuid4().hex[:8]}-", TMPDIR=str(temp))
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = spawn_cli(["worker", "--device", "cpu"], env, tmp_path, log)
+    try:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while "beat: Starting" not in log_path.read_text(errors="replace"):
+            assert worker.poll() is None, f"speft worker exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no beat started:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        beats = _children(worker.pid)  # solo pool: the embedded beat is the one child
+        assert len(beats) == 1, (beats, log_path.read_text())
+        beat = beats[0]
+
+        os.kill(worker.pid, signal.SIGKILL)  # the main process only, not its group
+        worker.wait(timeout=10)
+        deadline = time.monotonic() + ORPHAN_TIMEOUT_S
+        while _running(beat) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(beat), f"beat {beat} outlived its worker:\n{log_path.read_text()}"
+        assert not list(temp.glob("speft-beat*")), "the beat left a schedule file behind"
+    finally:
+        kill(worker)  # the whole group: whatever is left of it
