@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, TargetsError
+from .targets import check_target_patterns
 
 TASKS: tuple[str, ...] = ("classification", "causal_lm")
 MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
@@ -147,6 +148,12 @@ class JobSpec:
         if not isinstance(self.training_file, str) or not self.training_file:
             raise ConfigError("training_file must be a non-empty string", param="training_file")
         _check_choice("task", self.task, TASKS)
+        if self.speft.target_modules is not None:  # bounded and RE2-compilable before any load
+            try:
+                check_target_patterns(self.speft.target_modules)
+            except TargetsError as err:
+                err.param = f"method.speft.{err.param}"
+                raise
 
     @classmethod
     def from_dict(cls, body: Mapping[str, Any]) -> JobSpec:

@@ -2,9 +2,21 @@
 
 Decisions kept here once:
 - Lines are numbered from 1, blank lines included; blank lines are skipped; a UTF-8 BOM is
-  allowed at the very start of the file only; unknown keys in an object are ignored.
-- Classification labels are strings or integers; the label set is kept as strings (`str(label)`),
+  allowed at the very start of the file only; unknown keys in an object are ignored. A line
+  is refused (naming it) when it is not UTF-8, not JSON (including JSON nested deeper than the
+  parser's recursion limit, or an integer beyond Python's digit limit) or not an object, and
+  when a text or label holds a lone surrogate (`"\\ud800"`: it cannot be encoded again).
+- The task of a file is told by its first object (`detect_task`): `label` is classification;
+  `prompt`, `completion` or `text` without `label` is causal_lm. The upload validator and the
+  training reader read lines through the same code (`parse_dataset`, `parse_jsonl_lines`).
+- Classification labels are strings or integers of at most MAX_LABEL_LENGTH characters, at
+  most MAX_LABELS distinct ones a file; the label set is kept as strings (`str(label)`),
   sorted numerically when every label in the file is an integer, lexicographically otherwise.
+- Texts are cut before tokenisation to a character bound that holds `max_length` tokens
+  (`max_length` × the longest token string of the vocabulary; causal LM prompts keep their
+  end), so a huge text costs no more than a long one; a cut text that then fills fewer
+  tokens than it needs is tokenised again whole, so the tokens kept are those of the whole
+  text (for text whose kept tokens lie within the bound: any ordinary text).
 - Causal LM rows are `{"prompt", "completion"}` (loss on the completion only) or `{"text"}`
   (read as an empty prompt and the whole text as the completion); `text` and `completion`
   must be non-empty, `prompt` may be empty.
@@ -17,8 +29,11 @@ Decisions kept here once:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -32,7 +47,10 @@ if TYPE_CHECKING:  # transformers is only needed for the type
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt, bos and padding positions)
+MAX_LABELS = 1000  # distinct classification labels a file may hold
+MAX_LABEL_LENGTH = 256  # characters of one label (`str(label)` for integers)
 _BOM = "\ufeff"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _PAD_VALUES: dict[str, int] = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
 
 
@@ -76,26 +94,35 @@ def parse_jsonl_lines(
     _check_task(task)
     if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
         raise ConfigError("max_examples must be a positive integer or None", param="max_examples")
-    parse_row = _parse_classification if task == "classification" else _parse_causal_lm
-    examples: list[Any] = []
-    for number, raw in enumerate(lines, start=1):
-        text = _decode_line(raw, number)
-        if number == 1 and text.startswith(_BOM):
-            text = text[len(_BOM) :]
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text.rstrip("\r\n"))
-        except json.JSONDecodeError as err:
-            raise DatasetFormatError(f"invalid JSON ({err.msg} at column {err.colno})", line=number)
-        if not isinstance(row, dict):
-            raise DatasetFormatError(f"expected a JSON object, got {_json_type(row)}", line=number)
-        examples.append(parse_row(row, number))
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-    if not examples:
+    return _parse_rows(_json_objects(lines), task, max_examples)
+
+
+def parse_dataset(
+    lines: Iterable[bytes | str],
+) -> tuple[str, list[ClassificationExample] | list[CausalLMExample]]:
+    """Tell the task from the first object and validate every line for it: (task, examples)."""
+    objects = _json_objects(lines)
+    first = next(objects, None)
+    if first is None:
         raise DatasetFormatError("the file contains no examples")
-    return examples
+    task = detect_task(first[1])
+    if task is None:
+        raise DatasetFormatError(
+            "cannot tell the task: give 'text' and 'label' (classification), "
+            "'prompt' and 'completion' or 'text' (causal_lm)", line=first[0],
+        )
+    return task, _parse_rows(itertools.chain([first], objects), task, None)
+
+
+def detect_task(row: object) -> str | None:
+    """The task a row is written for: classification (`label`) or causal_lm; None if neither."""
+    if not isinstance(row, dict):
+        return None
+    if "label" in row:
+        return "classification"
+    if {"prompt", "completion", "text"} & row.keys():
+        return "causal_lm"
+    return None
 
 
 def label_set(examples: Sequence[ClassificationExample]) -> list[str]:
@@ -190,6 +217,62 @@ def batches(
 # --- row validation -----------------------------------------------------------------------------
 
 
+def _json_objects(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; the BOM rule and JSON errors live here."""
+    for number, raw in enumerate(lines, start=1):
+        text = _decode_line(raw, number)
+        if number == 1:
+            text = text.removeprefix(_BOM)
+        if not text.strip():
+            continue
+        row = _load_json(text.rstrip("\r\n"), number)
+        if not isinstance(row, dict):
+            raise DatasetFormatError(f"expected a JSON object, got {_json_type(row)}", line=number)
+        yield number, row
+
+
+def _load_json(text: str, line: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"invalid JSON ({err.msg} at column {err.colno})", line=line)
+    except RecursionError:
+        raise DatasetFormatError("invalid JSON (nested too deeply)", line=line) from None
+    except ValueError:  # an integer literal beyond the interpreter's digit limit
+        raise DatasetFormatError(
+            f"invalid JSON (an integer longer than {sys.get_int_max_str_digits()} digits)",
+            line=line,
+        ) from None
+
+
+def _parse_rows(
+    objects: Iterable[tuple[int, dict[str, Any]]], task: str, max_examples: int | None
+) -> list[Any]:
+    parse_row = _parse_classification if task == "classification" else _parse_causal_lm
+    examples: list[Any] = []
+    labels: set[str] = set()
+    for number, row in objects:
+        example = parse_row(row, number)
+        if isinstance(example, ClassificationExample):
+            _count_label(labels, example, number)
+        examples.append(example)
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise DatasetFormatError("the file contains no examples")
+    return examples
+
+
+def _count_label(labels: set[str], example: ClassificationExample, line: int) -> None:
+    label = str(example.label)
+    if label not in labels and len(labels) >= MAX_LABELS:
+        raise DatasetFormatError(
+            f"label {label!r} is one more than the {MAX_LABELS} distinct labels a file may hold",
+            line=line, param="label",
+        )
+    labels.add(label)
+
+
 def _parse_classification(row: dict[str, Any], line: int) -> ClassificationExample:
     text = _required_str(row, "text", line, non_empty=True)
     if "label" not in row:
@@ -203,11 +286,19 @@ def _parse_classification(row: dict[str, Any], line: int) -> ClassificationExamp
         )
     if isinstance(label, str) and not label.strip():
         raise DatasetFormatError("'label' must not be empty", line=line, param="label")
+    if isinstance(label, str):
+        _check_encodable(label, "label", line)
+    if len(str(label)) > MAX_LABEL_LENGTH:
+        raise DatasetFormatError(
+            f"'label' is longer than {MAX_LABEL_LENGTH} characters", line=line, param="label"
+        )
     pair = row.get("text_pair")  # null counts as absent
     if pair is not None and not isinstance(pair, str):
         raise DatasetFormatError(
             f"'text_pair' must be a string, got {_json_type(pair)}", line=line, param="text_pair"
         )
+    if pair is not None:
+        _check_encodable(pair, "text_pair", line)
     return ClassificationExample(text=text, label=label, text_pair=pair, line=line)
 
 
@@ -241,7 +332,19 @@ def _required_str(row: dict[str, Any], name: str, line: int, *, non_empty: bool)
         )
     if non_empty and not value.strip():
         raise DatasetFormatError(f"{name!r} must not be empty", line=line, param=name)
+    _check_encodable(value, name, line)
     return value
+
+
+def _check_encodable(value: str, name: str, line: int) -> None:
+    """Refuse a lone surrogate (JSON `"\\ud800"`): no UTF-8 encoder or tokenizer takes it."""
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise DatasetFormatError(
+            f"{name!r} holds a lone surrogate (\\u{ord(found.group()):04x} at character "
+            f"{found.start()}); escape a character outside the BMP as a surrogate pair",
+            line=line, param=name,
+        )
 
 
 def _decode_line(raw: bytes | str, line: int) -> str:
@@ -280,6 +383,60 @@ def _check_task(task: str) -> None:
 
 # --- tokenisation -------------------------------------------------------------------------------
 
+_FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _char_bound(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Characters that hold `max_length` tokens of ordinary text: no token covers more characters
+    than the longest token string of the vocabulary (markers such as `##`, `Ġ` only add)."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_length * max(longest, 1)
+
+
+def _encode_cut(
+    tokenizer: PreTrainedTokenizerBase,
+    columns: list[list[str]],
+    *,
+    bound: int,
+    need: int,
+    keep_end: bool = False,
+    **options: Any,
+) -> dict[str, list[list[int]]]:
+    """`tokenizer(*columns, **options)` with every text first cut to `bound` characters (its
+    start kept, or its end with `keep_end`). A row is encoded again from its whole texts when a
+    cut text gives fewer than `need` tokens, or (pairs) when the one cut text gives no more
+    tokens than the other text, which would change the side that pair truncation shortens."""
+    cut = [[text[-bound:] if keep_end else text[:bound] for text in column] for column in columns]
+    encoded = tokenizer(*cut, **options)
+    features = {key: [list(row) for row in encoded[key]] for key in _FEATURE_KEYS
+                if key in encoded}
+    rows = [row for row in range(len(columns[0]))
+            if any(len(column[row]) > bound for column in columns)]
+    if not rows:
+        return features
+    counts = [[len(ids) for ids in tokenizer([column[row] for row in rows],
+                                             add_special_tokens=False)["input_ids"]]
+              for column in cut]
+    redo = [row for position, row in enumerate(rows)
+            if not _cut_keeps_tokens([len(column[row]) > bound for column in columns],
+                                     [count[position] for count in counts], need)]
+    if redo:
+        again = tokenizer(*[[column[row] for row in redo] for column in columns], **options)
+        for key, values in features.items():
+            for position, row in enumerate(redo):
+                values[row] = list(again[key][position])
+    return features
+
+
+def _cut_keeps_tokens(was_cut: list[bool], counts: list[int], need: int) -> bool:
+    """Whether cut texts with these token counts truncate as their whole texts would."""
+    if any(cut and count < need for cut, count in zip(was_cut, counts)):
+        return False
+    if len(counts) == 2 and was_cut.count(True) == 1:
+        cut_side = was_cut.index(True)
+        return counts[cut_side] > counts[1 - cut_side]
+    return True
+
 
 def _tokenize_classification(
     examples: Sequence[ClassificationExample],
@@ -302,17 +459,19 @@ def _tokenize_classification(
             )
         ids.append(label2id[label])
     features: list[dict[str, Any]] = [{} for _ in examples]
+    bound = _char_bound(tokenizer, max_length)
     singles = [i for i, example in enumerate(examples) if example.text_pair is None]
     pairs = [i for i, example in enumerate(examples) if example.text_pair is not None]
     for group, with_pair in ((singles, False), (pairs, True)):
         if not group:
             continue
-        texts = [examples[i].text for i in group]
-        second = [examples[i].text_pair for i in group] if with_pair else None
-        encoded = tokenizer(texts, second, truncation=True, max_length=max_length)
-        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+        columns = [[examples[i].text for i in group]]
+        if with_pair:
+            columns.append([cast(str, examples[i].text_pair) for i in group])
+        encoded = _encode_cut(tokenizer, columns, bound=bound, need=max_length,
+                              truncation=True, max_length=max_length)
         for row, index in enumerate(group):
-            features[index] = {key: list(encoded[key][row]) for key in keys}
+            features[index] = {key: values[row] for key, values in encoded.items()}
             features[index]["labels"] = ids[index]
     return features
 
@@ -322,8 +481,14 @@ def _tokenize_causal_lm(
 ) -> list[dict[str, Any]]:
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    bound = _char_bound(tokenizer, max_length)
+    # A prompt longer than max_length loses its start (its last tokens are kept); more than
+    # max_length tokens are needed from a cut prompt, max_length from a cut completion.
+    prompts = _encode_cut(tokenizer, [[e.prompt for e in examples]], bound=bound,
+                          need=max_length + 1, keep_end=True,
+                          add_special_tokens=False)["input_ids"]
+    completions = _encode_cut(tokenizer, [[e.completion for e in examples]], bound=bound,
+                              need=max_length, add_special_tokens=False)["input_ids"]
     features: list[dict[str, Any]] = []
     supervised_any = False
     for prompt, completion in zip(prompts, completions):

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     port: int = 8000
     max_upload_bytes: int = 100 * MiB
     max_file_lines: int = 1_000_000
+    max_line_bytes: int = 1 * MiB  # one JSONL line (one example) of an upload
     default_tenant: str = "default"
     # Jobs go to the queue of their device kind, `<queue_prefix><device>` (`cpu`, `cuda`): GPU and
     # CPU workers share one broker and each consumes its own kind (`speft worker --device`).
@@ -211,8 +212,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{_env('port')}: must be in [1, 65535]; got {value}")
         return value
 
-    @field_validator("max_upload_bytes", "max_file_lines", "db_pool_size", "adapter_cache_bytes",
-                     "inference_max_batch_size", "max_attempts", "inference_max_input_chars")
+    @field_validator("max_upload_bytes", "max_file_lines", "max_line_bytes", "db_pool_size",
+                     "adapter_cache_bytes", "inference_max_batch_size", "max_attempts",
+                     "inference_max_input_chars")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:

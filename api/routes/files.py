@@ -28,7 +28,7 @@ def upload_file(
     row = files.create_file(
         session, storage=storage, tenant_id=tenant.id, filename=file.filename or "upload.jsonl",
         purpose=purpose, data=file.file, max_bytes=settings.max_upload_bytes,
-        max_lines=settings.max_file_lines,
+        max_lines=settings.max_file_lines, max_line_bytes=settings.max_line_bytes,
     )
     return FileObject.model_validate(row)
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -13,11 +11,10 @@ from api.core.models import File, new_id
 from api.core.storage import ObjectTooLarge, Storage
 from api.errors import InvalidRequest, PayloadTooLarge
 from api.services import stored_objects
-from speft_core.data import parse_jsonl_lines
+from speft_core.data import parse_dataset
 from speft_core.errors import DatasetFormatError
 
 FILE_PURPOSE = "fine-tune"
-_BOM = "\ufeff".encode()
 
 
 def file_storage_key(file_id: str) -> str:
@@ -25,30 +22,31 @@ def file_storage_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
-def detect_task(first_object: object) -> str | None:
-    """The task a dataset row is written for: classification (`label`) or causal_lm; None if neither."""
-    if not isinstance(first_object, dict):
-        return None
-    if "label" in first_object:
-        return "classification"
-    if {"prompt", "completion", "text"} & first_object.keys():
-        return "causal_lm"
-    return None
-
-
-def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _lines(chunks: Iterable[bytes], *, max_line_bytes: int | None = None) -> Iterator[bytes]:
     """Split a byte stream into lines (each keeps its newline, the last may lack one); a line
-    spanning many chunks is joined once, so a long line costs linear time."""
+    spanning many chunks is joined once, so a long line costs linear time. A line longer than
+    `max_line_bytes` (newline excluded) raises DatasetFormatError naming it, before it is joined."""
     pending: list[bytes] = []  # the current line's pieces
+    size, number = 0, 1  # bytes pending, and the current line's number
     for chunk in chunks:
         *complete, rest = chunk.split(b"\n")
         for piece in complete:
+            _check_line_size(size + len(piece), number, max_line_bytes)
             yield b"".join([*pending, piece, b"\n"])
-            pending = []
+            pending, size, number = [], 0, number + 1
         if rest:
             pending.append(rest)
+            size += len(rest)
+            _check_line_size(size, number, max_line_bytes)
     if pending:
         yield b"".join(pending)
+
+
+def _check_line_size(size: int, line: int, max_line_bytes: int | None) -> None:
+    if max_line_bytes is not None and size > max_line_bytes:
+        raise DatasetFormatError(
+            f"the line is longer than {max_line_bytes} bytes (SPEFT_MAX_LINE_BYTES)", line=line
+        )
 
 
 def _limit_lines(lines: Iterable[bytes], max_lines: int) -> Iterator[bytes]:
@@ -61,34 +59,9 @@ def _limit_lines(lines: Iterable[bytes], max_lines: int) -> Iterator[bytes]:
         yield line
 
 
-def _first_object(head: list[bytes]) -> object:
-    """The first non-blank line parsed as JSON, or None when it is not JSON."""
-    text = head[-1].removeprefix(_BOM) if len(head) == 1 else head[-1]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None  # parse_jsonl_lines names the line
-
-
 def validate_dataset(lines: Iterable[bytes], *, max_lines: int) -> tuple[str, int]:
     """Detect the task from the first object and validate every line: (task, num_examples)."""
-    lines = _limit_lines(lines, max_lines)
-    head: list[bytes] = []
-    for line in lines:  # up to and including the first non-blank line
-        head.append(line)
-        if line.strip() and line.strip() != _BOM:
-            break
-    if not head or not head[-1].strip():
-        raise DatasetFormatError("the file contains no examples")
-    first = _first_object(head)
-    task = detect_task(first)
-    if task is None and isinstance(first, dict):
-        raise DatasetFormatError(
-            "cannot tell the task: give 'text' and 'label' (classification), "
-            "'prompt' and 'completion' or 'text' (causal_lm)", line=len(head),
-        )
-    task = task or "classification"  # not an object: the parser reports the line
-    examples = parse_jsonl_lines(itertools.chain(head, lines), task)
+    task, examples = parse_dataset(_limit_lines(lines, max_lines))
     return task, len(examples)
 
 
@@ -102,6 +75,7 @@ def create_file(
     data: BinaryIO,
     max_bytes: int,
     max_lines: int,
+    max_line_bytes: int,
 ) -> File:
     """Store an upload, validate it as a dataset, record it and commit; nothing stays stored on
     failure. The commit is made here, not after the route, so that a database failing after the
@@ -116,7 +90,8 @@ def create_file(
         raise PayloadTooLarge(f"the file is larger than {err.limit} bytes", param="file") from err
     try:
         task, num_examples = validate_dataset(
-            _lines(storage.stream(key, sha256=stored.sha256)), max_lines=max_lines
+            _lines(storage.stream(key, sha256=stored.sha256), max_line_bytes=max_line_bytes),
+            max_lines=max_lines,
         )
         row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
                    bytes=stored.size, sha256=stored.sha256, storage_key=key,

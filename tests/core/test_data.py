@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from speft_core import data
 from speft_core.data import (
     IGNORE_INDEX,
+    MAX_LABEL_LENGTH,
+    MAX_LABELS,
     CausalLMExample,
     ClassificationExample,
     batches,
     collate,
+    detect_task,
     label_set,
+    parse_dataset,
     parse_jsonl_lines,
     read_jsonl,
     tokenize,
@@ -188,6 +196,97 @@ def test_read_jsonl_reads_a_file(tmp_path: Path) -> None:
     assert [e.line for e in examples] == [1, 3]
 
 
+DEEP = '{"text": "a", "label": "b", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}"
+HUGE_INT = '{"text": "a", "label": ' + "7" * 5000 + "}"
+
+
+@pytest.mark.parametrize(("row", "fragment"), [
+    (DEEP, "line 2: invalid JSON (nested too deeply)"),
+    (HUGE_INT, f"line 2: invalid JSON (an integer longer than {sys.get_int_max_str_digits()}"),
+    ("[" * 100_000, "line 2: invalid JSON (nested too deeply)"),
+], ids=["nested 100,000 deep", "5,000-digit integer", "unclosed 100,000 deep"])
+def test_json_the_parser_cannot_hold_is_an_error_naming_the_line(
+    tmp_path: Path, row: str, fragment: str
+) -> None:
+    assert str(error_of(lines(GOOD, row))).startswith(fragment)
+    path = tmp_path / "train.jsonl"  # the training reader (`speft train`, the worker) too
+    path.write_bytes(b"".join(lines(GOOD, row)))
+    with pytest.raises(DatasetFormatError, match=re.escape(fragment)):
+        read_jsonl(path, "classification")
+
+
+@pytest.mark.parametrize(("row", "task", "param"), [
+    (r'{"text": "a\ud800b", "label": "x"}', "classification", "text"),
+    (r'{"text": "a", "label": "\udfff"}', "classification", "label"),
+    (r'{"text": "a", "label": "x", "text_pair": "\udc00"}', "classification", "text_pair"),
+    (r'{"prompt": "\ud83d", "completion": "c"}', "causal_lm", "prompt"),
+    (r'{"prompt": "p", "completion": "\ude00 end"}', "causal_lm", "completion"),
+    (r'{"text": "x\ud800"}', "causal_lm", "text"),
+])
+def test_a_lone_surrogate_is_an_error_naming_line_and_field(
+    tmp_path: Path, row: str, task: str, param: str
+) -> None:
+    first = GOOD if task == "classification" else '{"text": "ok"}'
+    err = error_of(lines(first, row), task=task)
+    assert (err.line, err.param) == (2, param) and "lone surrogate" in str(err)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"".join(lines(first, row)))
+    with pytest.raises(DatasetFormatError, match="line 2: .* lone surrogate"):
+        read_jsonl(path, task)
+
+
+def test_a_surrogate_pair_is_one_character_and_accepted() -> None:
+    [example] = parse_jsonl_lines(lines(r'{"text": "smile \ud83d\ude00", "label": "x"}'),
+                                  "classification")
+    assert example.text == "smile \U0001F600"
+
+
+def test_labels_are_capped_in_number_and_length() -> None:
+    rows = [json.dumps({"text": "t", "label": f"label {i}"}) for i in range(MAX_LABELS)]
+    repeated = rows + [json.dumps({"text": "t", "label": "label 0"})]  # no new label
+    assert len(label_set(parse_jsonl_lines(lines(*repeated), "classification"))) == MAX_LABELS
+    err = error_of(lines(*repeated, json.dumps({"text": "t", "label": 1})))
+    assert (err.line, err.param) == (MAX_LABELS + 2, "label")
+    assert f"one more than the {MAX_LABELS} distinct labels" in str(err)
+    long_label = json.dumps({"text": "t", "label": "x" * (MAX_LABEL_LENGTH + 1)})
+    assert error_of(lines(GOOD, long_label)).line == 2
+    huge_int = json.dumps({"text": "t", "label": 10**MAX_LABEL_LENGTH})  # 257 digits
+    assert f"longer than {MAX_LABEL_LENGTH} characters" in str(error_of(lines(GOOD, huge_int)))
+    ok = json.dumps({"text": "t", "label": "x" * MAX_LABEL_LENGTH})
+    assert len(parse_jsonl_lines(lines(GOOD, ok), "classification")) == 2
+
+
+# --- detecting the task -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("row", "task"), [
+    ({"text": "t", "label": 1}, "classification"),
+    ({"text": "t"}, "causal_lm"),
+    ({"prompt": "p", "completion": "c"}, "causal_lm"),
+    ({"question": "?"}, None),
+    ([1, 2], None),
+])
+def test_detect_task_reads_the_keys_of_a_row(row: object, task: str | None) -> None:
+    assert detect_task(row) == task
+
+
+def test_parse_dataset_tells_the_task_from_the_first_object() -> None:
+    task, examples = parse_dataset(
+        [b"\xef\xbb\xbf\n", b"\n", GOOD.encode(), b'{"text": "b", "label": 2}'])
+    assert task == "classification" and [e.line for e in examples] == [3, 4]
+    task, examples = parse_dataset(
+        lines('{"text": "story"}', '{"prompt": "", "completion": "c"}'))
+    assert task == "causal_lm" and len(examples) == 2
+    for raw, fragment in (([], "the file contains no examples"),
+                          (lines("", '{"question": "?"}'), "line 2: cannot tell the task"),
+                          (lines("[1]"), "line 1: expected a JSON object"),
+                          (lines("{"), "line 1: invalid JSON"),
+                          (lines('{"text": "t"}', '{"text": "t", "prompt": "p"}'),
+                           "line 2: use either 'text' or")):
+        with pytest.raises(DatasetFormatError, match=fragment):
+            parse_dataset(raw)
+
+
 # --- labels -------------------------------------------------------------------------------------
 
 
@@ -286,6 +385,71 @@ def test_causal_lm_dataset_with_no_supervised_token_is_refused(stories_tokenizer
     with pytest.raises(DatasetFormatError) as info:
         tokenize(examples, stories_tokenizer, "causal_lm", max_length=1)
     assert info.value.line is None and info.value.param == "max_length"
+
+
+# --- texts are cut before tokenisation, without changing the tokens kept -------------------------
+
+
+@pytest.fixture
+def whole_texts(monkeypatch: pytest.MonkeyPatch):
+    """tokenize() as it was before texts were cut: every text tokenised whole."""
+
+    def tokenize_whole(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(data, "_char_bound", lambda tokenizer, max_length: sys.maxsize)
+            return tokenize(*args, **kwargs)
+
+    return tokenize_whole
+
+
+SPACED = "    \t\n  " * 3000 + "the words come after a long run of white space"
+
+
+@pytest.mark.parametrize("max_length", [4, 16, 17, 64, 65])
+def test_cut_classification_texts_give_the_tokens_of_whole_texts(
+    data_dir: Path, minilm_tokenizer, whole_texts, max_length: int
+) -> None:
+    bound = data._char_bound(minilm_tokenizer, max_length)
+    sst2 = [e.text for e in read_jsonl(data_dir / "sst2" / "train.jsonl", "classification")]
+    long = [" ".join(sst2[i : i + 40]) for i in range(0, 400, 40)]  # ~4,000 characters each
+    short = [text for text in sst2 if len(text) <= bound][:10]
+    examples = [ClassificationExample(text, "a") for text in sst2[:50] + long + [SPACED]]
+    one_cut = [*zip(long, short), *zip(short, long), (SPACED, short[0]), (short[0], SPACED)]
+    examples += [ClassificationExample(a, "b", text_pair=b) for a, b in one_cut]
+    if (max_length - 3) % 2 == 0:  # both texts cut: an odd budget may go to either (README)
+        examples += [ClassificationExample(a, "b", text_pair=b) for a, b in zip(long, long[1:])]
+    assert any(len(e.text) > bound for e in examples)
+    got = tokenize(examples, minilm_tokenizer, "classification", max_length=max_length)
+    assert got == whole_texts(examples, minilm_tokenizer, "classification", max_length=max_length)
+
+
+@pytest.mark.parametrize("max_length", [4, 16, 64])
+def test_cut_causal_lm_texts_give_the_tokens_of_whole_texts(
+    data_dir: Path, stories_tokenizer, whole_texts, max_length: int
+) -> None:
+    rows = read_jsonl(data_dir / "alpaca200" / "train.jsonl", "causal_lm")
+    long = " ".join(e.prompt + " " + e.completion for e in rows[:60])  # ~20,000 characters
+    examples = rows[:40] + [CausalLMExample(long, "short answer"), CausalLMExample("q", long),
+                            CausalLMExample(long, long), CausalLMExample("", long),
+                            CausalLMExample(SPACED, SPACED), CausalLMExample("", SPACED)]
+    assert len(long) > data._char_bound(stories_tokenizer, max_length)
+    got = tokenize(examples, stories_tokenizer, "causal_lm", max_length=max_length)
+    assert got == whole_texts(examples, stories_tokenizer, "causal_lm", max_length=max_length)
+
+
+def test_a_huge_text_is_tokenised_in_the_time_of_a_short_one(
+    minilm_tokenizer, stories_tokenizer
+) -> None:
+    huge = "word " * 1_000_000  # 5 MB: whole, ~7 s per tokenizer call on one core
+    started = time.perf_counter()
+    [feature] = tokenize([ClassificationExample(huge, "a", text_pair=huge)], minilm_tokenizer,
+                         "classification", max_length=32)
+    [causal] = tokenize([CausalLMExample(huge, huge)], stories_tokenizer, "causal_lm",
+                        max_length=32)
+    assert time.perf_counter() - started < 2.0
+    assert feature["input_ids"] == minilm_tokenizer(
+        huge[:1000], huge[:1000], truncation=True, max_length=32)["input_ids"]
+    assert len(causal["input_ids"]) == 32
 
 
 # --- collate and batches --------------------------------------------------------------------------
