@@ -41,7 +41,7 @@ def load_spec(spec_path: Path) -> JobSpec:
     """Read a REST-style job body from JSON, with local file paths."""
     try:
         body = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # also too deep, too many digits
         raise typer.BadParameter(f"cannot read {spec_path}: {err}", param_hint="SPEC") from err
     spec = JobSpec.from_dict(body)
     spec = dataclasses.replace(

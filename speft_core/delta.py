@@ -281,7 +281,7 @@ def _check_metadata(metadata: dict[str, str], nnz: int) -> None:
 def _parse_labels(text: str) -> list[str]:
     try:
         labels = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as err:
+    except (TypeError, ValueError, RecursionError) as err:  # also too deep, too many digits
         raise DeltaFormatError(f"metadata labels is not JSON: {err}") from err
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise DeltaFormatError("metadata labels must be a JSON list of strings")
@@ -297,7 +297,7 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
         raise DeltaFormatError("not a safetensors file, or truncated: header runs past the end")
     try:
         header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, too deep, too many digits
         raise DeltaFormatError(f"not a safetensors file: header is not JSON ({err})") from err
     if not isinstance(header, dict):
         raise DeltaFormatError("not a safetensors file: header is not a JSON object")

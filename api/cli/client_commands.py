@@ -63,7 +63,7 @@ def job_body(spec: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     if spec is not None:
         try:
             body = json.loads(spec.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # also too deep, too many digits
             raise typer.BadParameter(f"cannot read {spec}: {err}", param_hint="--spec") from err
         if not isinstance(body, dict):
             raise typer.BadParameter(f"{spec} is not a JSON object", param_hint="--spec")

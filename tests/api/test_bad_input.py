@@ -11,7 +11,9 @@ test_adapters_api.py). Here the same corrupt deltas are also served through the 
 """
 from __future__ import annotations
 
+import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ from safetensors.torch import save as safetensors_save
 
 from api.core.config import get_settings
 from api.core.db import dispose_engine
-from api.core.models import JobStatus
+from api.core.models import File, JobStatus
 from api.services.files import _lines
 from api.services.jobs import USER_ERROR
+from speft_core.data import MAX_LABELS
 from speft_core.delta import (
     EXTRA_PREFIX,
     FORMAT,
@@ -35,6 +38,7 @@ from speft_core.delta import (
     Delta,
     delta_to_bytes,
 )
+from speft_core.errors import DatasetFormatError
 from speft_core.models import bundled_minilm_path, load_model
 from speft_core.serving import random_delta
 from tests.api.conftest import ClientFactory
@@ -87,17 +91,60 @@ def test_empty_file_and_wrong_encodings_are_400_naming_the_line(
     assert _file_rows(client) == 0 and _stored_keys(client) == []
 
 
-def test_a_long_line_is_bounded_by_the_upload_limit_alone(make_client: ClientFactory) -> None:
-    client = make_client(max_upload_bytes=4 << 20)
-    long_line = labelled("a", "b") + jsonl({"text": "word " * 600_000, "label": "a"})  # 3 MB
-    response = upload(client, long_line)
-    assert response.status_code == 200, response.text
-    assert response.json()["num_examples"] == 3
-    assert client.get(f"/v1/files/{response.json()['id']}/content").content == long_line
-
-    too_long = jsonl({"text": "word " * 900_000, "label": "a"})  # one 4.5 MB line
-    assert_refused(upload(client, too_long), 413, "file", "larger than")
+def test_a_line_over_the_line_limit_is_400_naming_it(make_client: ClientFactory) -> None:
+    client = make_client(max_line_bytes=1000)
+    at_limit = jsonl({"text": "x" * (1000 - 26), "label": "a"})  # 1,000 bytes and its newline
+    assert len(at_limit) == 1001
+    response = upload(client, labelled("a", "b") + at_limit)
+    assert response.status_code == 200 and response.json()["num_examples"] == 3, response.text
+    over = jsonl({"text": "x" * (1000 - 25), "label": "a"})
+    assert_refused(upload(client, labelled("a", "b") + over), 400, "file",
+                   "line 3: the line is longer than 1000 bytes (SPEFT_MAX_LINE_BYTES)")
+    no_newline = b'{"text": "' + b"y" * 5000  # the last line, never ended
+    assert_refused(upload(client, labelled("a") + no_newline), 400, "file", "line 2: the line")
     assert _file_rows(client) == 1
+
+
+def test_the_default_line_limit_is_one_mebibyte(make_client: ClientFactory) -> None:
+    client = make_client(max_upload_bytes=4 << 20)
+    long_line = jsonl({"text": "word " * 300_000, "label": "a"})  # one 1.5 MB line
+    assert_refused(upload(client, labelled("a", "b") + long_line), 400, "file",
+                   "line 3: the line is longer than 1048576 bytes")
+
+
+def test_lines_are_limited_before_they_are_joined() -> None:
+    pieces = iter([b"x" * 600] * 10_000)  # one 6 MB line, never ended
+    with pytest.raises(DatasetFormatError, match="line 1: the line is longer than 1000 bytes"):
+        list(_lines(pieces, max_line_bytes=1000))
+    assert len(list(pieces)) == 10_000 - 2  # stopped at the second piece
+
+
+DEEP = b'{"text": "a", "label": "b", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (labelled("a") + DEEP, "line 2: invalid JSON (nested too deeply)"),
+    (b"[" * 100_000 + b"\n", "line 1: invalid JSON (nested too deeply)"),  # the first line
+    (labelled("a") + b'{"text": "a", "label": ' + b"7" * 5000 + b"}\n",
+     "line 2: invalid JSON (an integer longer than"),
+    (b'{"text": "a", "label": ' + b"7" * 5000 + b"}\n", "line 1: invalid JSON (an integer"),
+    (labelled("a") + b'{"text": "a\\ud800", "label": "b"}\n', "line 2: 'text' holds a lone"),
+    (b'{"prompt": "", "completion": "\\udc00"}\n', "line 1: 'completion' holds a lone surrogate"),
+], ids=["nested 100,000 deep", "first line nested", "5,000-digit integer",
+        "first line 5,000 digits", "surrogate in a text", "surrogate in a completion"])
+def test_json_python_cannot_hold_is_400_naming_the_line(
+        make_client: ClientFactory, content: bytes, fragment: str) -> None:
+    client = make_client()
+    assert_refused(upload(client, content), 400, "file", fragment)
+    assert _file_rows(client) == 0 and _stored_keys(client) == []
+
+
+def test_one_label_too_many_is_400_naming_its_line(make_client: ClientFactory) -> None:
+    client = make_client()
+    labels = [f"class {i}" for i in range(MAX_LABELS)]
+    assert upload(client, labelled(*labels, "class 0")).status_code == 200
+    assert_refused(upload(client, labelled(*labels, "class 0", "one more")), 400, "file",
+                   f"line {MAX_LABELS + 2}: label 'one more' is one more than the {MAX_LABELS}")
 
 
 def test_lines_split_across_chunks_are_joined_in_linear_time() -> None:
@@ -233,7 +280,12 @@ SMALL = {"method": {"type": "speft", "speft": {"metric": "magnitude", "density":
     (labelled("pos", "pos", "pos"), None, {}, "training_file", "a single label ('pos')"),
     (labelled("pos", "neg"), None, {"hyperparameters": {"max_length": 1024}},
      "hyperparameters.max_length", "max_length 1024 is beyond the 512 positions of minilm-l6"),
-], ids=["label only in validation", "one class", "max_length beyond positions"])
+    (labelled("pos", "neg"), None,
+     {"method": {"type": "speft", "speft": {**SMALL["method"]["speft"],
+                                            "target_modules": ["re:(.*)*x"]}}},
+     "target_modules", "target pattern 're:(.*)*x' matches no Linear module"),
+], ids=["label only in validation", "one class", "max_length beyond positions",
+        "a regex Python's re backtracks on for hours"])
 def test_what_only_training_can_tell_fails_the_job_as_user_error(
         make_client: ClientFactory, run_job: RunJob, training: bytes, validation: bytes | None,
         change: dict[str, Any], param: str, fragment: str) -> None:
@@ -246,8 +298,67 @@ def test_what_only_training_can_tell_fails_the_job_as_user_error(
     created = client.post("/v1/fine_tuning/jobs", json=body)
     assert created.status_code == 201, created.text
 
+    started = time.perf_counter()
     run_job(created.json()["id"])
+    assert time.perf_counter() - started < 60  # loading MiniLM and failing, not backtracking
     job = client.get(f"/v1/fine_tuning/jobs/{created.json()['id']}").json()
     assert (job["status"], job["error"]["code"]) == (JobStatus.FAILED.value, USER_ERROR)
     assert job["error"]["param"] == param and fragment in job["error"]["message"], job["error"]
     assert job["adapter_id"] is None
+
+
+@pytest.mark.parametrize("patterns, fragment", [
+    (["re:(query)\\1"], "invalid escape sequence"),  # a backreference: RE2 has none
+    (["re:(?<=self\\.)query"], "invalid perl operator"),  # lookbehind
+    (["re:(a"], "missing )"),
+    (["q" * 257], "at most 256 characters"),
+    (["query"] * 65, "at most 64 target patterns"),
+], ids=["backreference", "lookbehind", "syntax", "too long", "too many"])
+def test_target_patterns_are_checked_at_job_creation(
+        make_client: ClientFactory, patterns: list[str], fragment: str) -> None:
+    client = make_client()
+    client.app.state.enqueue_job = lambda job_id, device: None
+    body = {"model": "minilm-l6", "training_file": upload(client, labelled("a", "b")).json()["id"],
+            "method": {"type": "speft", "speft": {"target_modules": patterns}}}
+    response = client.post("/v1/fine_tuning/jobs", json=body)
+    assert_refused(response, 400, "method.speft.target_modules", fragment)
+    assert response.json()["error"]["code"] == "invalid_targets"
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def stored_before_the_checks(client: TestClient, content: bytes) -> str:
+    """A file whose bytes are `content`, as one uploaded before the upload checked them: a good
+    file is uploaded, then its object and recorded size and sha256 are replaced."""
+    file_id = upload(client, labelled("a", "b")).json()["id"]
+    storage = client.app.state.storage
+    with client.app.state.sessions() as session:
+        row = session.get(File, file_id)
+        stored = storage.put(row.storage_key, io.BytesIO(content), max_bytes=len(content))
+        row.bytes, row.sha256 = stored.size, stored.sha256
+        session.commit()
+    return file_id
+
+
+@pytest.mark.parametrize("content, param, fragment", [
+    (labelled("a", "b") + b'{"text": "a\\ud800", "label": "b"}\n', "text",
+     "line 3: 'text' holds a lone surrogate"),
+    (labelled("a", "b") + DEEP, None, "line 3: invalid JSON (nested too deeply)"),
+    (labelled("a", "b") + b'{"text": "a", "label": ' + b"7" * 5000 + b"}\n", None,
+     "line 3: invalid JSON (an integer longer than"),
+    (labelled(*(f"c{i}" for i in range(MAX_LABELS + 1))), "label",
+     f"line {MAX_LABELS + 1}: label 'c{MAX_LABELS}' is one more than"),
+], ids=["surrogate", "nested 100,000 deep", "5,000-digit integer", "one label too many"])
+def test_a_file_stored_before_the_checks_fails_its_job_as_user_error(
+        make_client: ClientFactory, run_job: RunJob, content: bytes, param: str | None,
+        fragment: str) -> None:
+    client = make_client()
+    client.app.state.enqueue_job = lambda job_id, device: None
+    body = {"model": "minilm-l6", **SMALL,
+            "training_file": stored_before_the_checks(client, content)}
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    assert created.status_code == 201, created.text
+
+    run_job(created.json()["id"])
+    job = client.get(f"/v1/fine_tuning/jobs/{created.json()['id']}").json()
+    assert (job["status"], job["error"]["code"]) == (JobStatus.FAILED.value, USER_ERROR), job
+    assert job["error"]["param"] == param and fragment in job["error"]["message"], job["error"]

@@ -51,3 +51,12 @@ def test_speft_train_missing_data_file_is_clear(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "nope.jsonl" in proc.stderr
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"seed": ' + "7" * 5000 + "}"],
+                         ids=["nested 100,000 deep", "5,000-digit integer"])
+def test_speft_train_spec_python_cannot_parse_is_a_clear_error(tmp_path, text):
+    (tmp_path / "spec.json").write_text(text)
+    proc = subprocess.run([*SPEFT, "train", str(tmp_path / "spec.json"), "--out", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot read" in proc.stderr, proc.stderr

@@ -398,6 +398,8 @@ CORRUPTIONS = {
     "wrong_format": (_meta("format", "speft-delta/2"), "speft-delta/2"),
     "nnz_mismatch": (_meta("nnz", "3"), "nnz"),
     "labels_not_json": (_meta("labels", "[negative"), "labels is not JSON"),
+    "labels_nested_deep": (_meta("labels", "[" * 100_000), "labels is not JSON"),
+    "labels_huge_integer": (_meta("labels", "[" + "7" * 5000 + "]"), "labels is not JSON"),
     "labels_not_strings": (_meta("labels", "[0, 1]"), "list of strings"),
     "bad_fingerprint": (_meta("base_fingerprint", "abc"), "base_fingerprint"),
     "unknown_task": (_meta("task", "regression"), "task"),
