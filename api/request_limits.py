@@ -45,8 +45,9 @@ def lone_surrogate_path(value: Any, path: str = "") -> tuple[str, str] | None:
     path as `metadata.k` / `input[2]` (a key is named by the object holding it), None if none."""
     if isinstance(value, str):
         found = _SURROGATE.search(value)
-        return None if found is None else (path, f"\\u{ord(found.group()):04x} at character "
-                                                 f"{found.start()}")
+        if found is None:
+            return None
+        return path, f"\\u{ord(found.group()):04x} at character {found.start()}"
     if isinstance(value, list):
         for index, item in enumerate(value):
             hit = lone_surrogate_path(item, f"{path}[{index}]")

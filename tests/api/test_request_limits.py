@@ -48,13 +48,13 @@ def training_file(client: TestClient) -> str:
     return upload(client, labelled("a", "b")).json()["id"]
 
 
+JOB = '{"model": "minilm-l6", "training_file": "%s", '
+
+
 @pytest.mark.parametrize("path, body, param", [
-    ("/v1/fine_tuning/jobs", '{"model": "minilm-l6", "training_file": "%s", '
-                             '"metadata": {"k": %s}}', "metadata.k"),
-    ("/v1/fine_tuning/jobs", '{"model": "minilm-l6", "training_file": "%s", '
-                             '"metadata": {%s: "v"}}', "metadata"),
-    ("/v1/fine_tuning/jobs", '{"model": "minilm-l6", "training_file": "%s", "suffix": %s}',
-     "suffix"),
+    ("/v1/fine_tuning/jobs", JOB + '"metadata": {"k": %s}}', "metadata.k"),
+    ("/v1/fine_tuning/jobs", JOB + '"metadata": {%s: "v"}}', "metadata"),
+    ("/v1/fine_tuning/jobs", JOB + '"suffix": %s}', "suffix"),
     ("/v1/completions", '{"model": "%s", "prompt": %s}', "prompt"),
     ("/v1/classifications", '{"model": "%s", "input": ["fine", %s]}', "input[1]"),
     ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": %s}]}',
@@ -71,8 +71,7 @@ def test_a_lone_surrogate_in_a_json_body_is_400_naming_its_path_before_any_handl
 
 def test_a_surrogate_pair_and_an_escaped_backslash_are_ordinary_text(
         client: TestClient, training_file: str) -> None:
-    body = ('{"model": "minilm-l6", "training_file": "%s", '
-            '"metadata": {"emoji": "\\ud83d\\ude00", "text": "\\\\ud800"}}' % training_file)
+    body = (JOB % training_file) + '"metadata": {"emoji": "\\ud83d\\ude00", "text": "\\\\ud800"}}'
     response = raw_post(client, "/v1/fine_tuning/jobs", body)
     assert response.status_code == 201, response.text
     assert response.json()["metadata"] == {"emoji": "\U0001f600", "text": "\\ud800"}
@@ -190,7 +189,7 @@ def _job_body(training_file: str, value_bytes: int) -> bytes:
 
 def test_json_bodies_over_the_limit_are_413_naming_body_with_or_without_content_length(
         server: tuple[str, Any]) -> None:
-    url, app = server
+    url, _ = server
     with httpx.Client(base_url=url, timeout=30) as http:
         training_file = http.post("/v1/files", files={"file": ("d.jsonl", labelled("a", "b"))},
                                   data={"purpose": "fine-tune"}).json()["id"]
@@ -213,7 +212,7 @@ def test_json_bodies_over_the_limit_are_413_naming_body_with_or_without_content_
 
 def test_uploads_over_their_limit_are_413_and_nothing_is_stored(
         server: tuple[str, Any], tmp_path: Path) -> None:
-    url, app = server
+    url, _ = server
     with httpx.Client(base_url=url, timeout=30) as http:
         just_over = http.post("/v1/files", files={"file": ("d.jsonl", labelled(*"ab" * 60))},
                               data={"purpose": "fine-tune"})  # ~3 kB: storage refuses the file

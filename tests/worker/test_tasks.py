@@ -15,6 +15,7 @@ from api.core.config import get_settings
 from api.core.db import dispose_engine, make_engine, session_factory, upgrade_database
 from api.core.models import (
     Adapter,
+    File,
     Job,
     JobEvent,
     JobMetric,
@@ -102,6 +103,23 @@ def test_bad_training_line_fails_as_user_error(service):
     assert (job.status, job.error_code) == (JobStatus.FAILED, USER_ERROR)
     assert "line 3" in job.error_message
     assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+@pytest.mark.parametrize("field", ["training_file", "validation_file"])
+@pytest.mark.parametrize("how", ["row deleted", "object missing"])
+def test_a_file_deleted_under_a_queued_job_fails_it_as_user_error_naming_the_field(
+        service, field, how):
+    job_id = service.make_job()
+    with service.sessions() as session:
+        row = session.get(File, getattr(session.get(Job, job_id), field))
+        if how == "row deleted":
+            row.deleted_at = utcnow()
+        service.storage.delete(row.storage_key)
+        session.commit()
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert (job.status, job.error_code, job.error_param) == (JobStatus.FAILED, USER_ERROR, field)
+    assert row.id in job.error_message and "deleted" in job.error_message
 
 
 def test_cancel_before_start_means_no_training(service):
