@@ -1,4 +1,5 @@
-"""A tenant's fine-tuning jobs: reads (one, a page), cancel, events and metrics.
+"""A tenant's fine-tuning jobs: reads (one, a page), cancel, events and metrics, and whether a
+file is in use by an unfinished job (a delete's check).
 
 Every function is scoped by tenant: another tenant's job is NotFound, exactly like a missing one.
 """
