@@ -7,6 +7,7 @@ that shape in the OpenAPI schema for the statuses a route can answer.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -23,6 +24,20 @@ from api.core.storage import StorageError, StorageUnavailable
 from speft_core.errors import SpeftError
 
 log = logging.getLogger(__name__)
+
+
+class SafeJSONResponse(JSONResponse):
+    """The app's JSON response: a string UTF-8 cannot encode (a lone surrogate, e.g. in a row
+    stored before the request check existed) is written as a JSON escape (`"\\ud800"`), so no
+    stored value can make a response, or a whole listing, fail. Other text stays as it is."""
+
+    def render(self, content: Any) -> bytes:
+        """Compact JSON in UTF-8; ASCII with escapes when the text holds a lone surrogate."""
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None,
+                              separators=(",", ":")).encode("ascii")
 
 
 class ApiError(Exception):
@@ -65,7 +80,7 @@ class Conflict(ApiError):
 
 
 class PayloadTooLarge(ApiError):
-    """413: an upload exceeded the configured limit."""
+    """413: a request body or an upload exceeded its configured limit."""
 
     status_code, code = 413, "payload_too_large"
 
@@ -109,14 +124,17 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing or unknown API key",
     404: "No such object for this tenant",
     409: "Conflicts with the object's state or an earlier Idempotency-Key",
-    413: "The upload is larger than SPEFT_MAX_UPLOAD_BYTES",
+    413: ("The request body is larger than the route's limit (SPEFT_MAX_JSON_BODY_BYTES, 1 MiB "
+          "by default; POST /v1/files: SPEFT_MAX_UPLOAD_BYTES), param `body`; or the uploaded "
+          "file is larger than SPEFT_MAX_UPLOAD_BYTES, param `file`"),
     422: "The request does not match the schema, or a stored adapter cannot be served",
     429: "Too many requests; Retry-After says when to come back",
     503: "The database or storage cannot be reached; nothing was written",
 }
 # What any authenticated /v1 route can answer besides its own errors (400: also a value the
-# database cannot store, such as a NUL character on Postgres).
-COMMON_ERRORS = (400, 401, 422, 429, 503)
+# database cannot store, such as a NUL character on Postgres, or a lone surrogate in a JSON
+# body; 413: a body over the route's limit, see api.request_limits).
+COMMON_ERRORS = (400, 401, 413, 422, 429, 503)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -125,9 +143,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             for status in statuses}
 
 
-def _unavailable(dependency: str, reason: str) -> JSONResponse:
+def _unavailable(dependency: str, reason: str) -> SafeJSONResponse:
     """503 naming the dependency that cannot be reached."""
-    return JSONResponse(
+    return SafeJSONResponse(
         error_body(ServiceUnavailable.code, f"{dependency} unavailable: {reason}",
                    param=dependency, error_type=ServiceUnavailable.error_type),
         status_code=ServiceUnavailable.status_code)
@@ -145,11 +163,14 @@ _LOCATION_ROOTS = ("body", "query", "path", "header")
 # `stop.constrained-str`): not a field
 _UNION_BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "bytes"})
 _CONSTRAINED_BRANCH = "constrained-"
+_DICT_KEY = "[key]"  # pydantic's location of a dict key that failed validation
 
 
 def _validation_param(location: tuple[Any, ...]) -> str | None:
     """`("body", "method", "speft", "density")` -> "method.speft.density" (union branches dropped)."""
     parts = [str(p) for p in location if p not in _LOCATION_ROOTS]
+    if _DICT_KEY in parts:  # a bad key of a dict: name the dict, not the (bad) key itself
+        parts = parts[:max(parts.index(_DICT_KEY) - 1, 0)]
     parts = [p for p in parts if "[" not in p and p not in _UNION_BRANCH_NAMES
              and not p.startswith(_CONSTRAINED_BRANCH)]
     return ".".join(parts) or None
@@ -169,25 +190,26 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render ApiError, core SpeftError, validation and HTTP errors in the one error shape."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, param=exc.param,
+    async def _api_error(_: Request, exc: ApiError) -> SafeJSONResponse:
+        return SafeJSONResponse(error_body(exc.code, exc.message, param=exc.param,
                                        error_type=exc.error_type),
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(SpeftError)
-    async def _core_error(_: Request, exc: SpeftError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, param=exc.param), status_code=400)
+    async def _core_error(_: Request, exc: SpeftError) -> SafeJSONResponse:
+        return SafeJSONResponse(error_body(exc.code, exc.message, param=exc.param), status_code=400)
 
     @app.exception_handler(StorageError)
-    async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
+    async def _storage_error(_: Request, exc: StorageError) -> SafeJSONResponse:
         if isinstance(exc, StorageUnavailable):  # nothing was written: retry later
             return _unavailable("storage", exc.message)
         # A stored object missing or corrupt behind a live row is our fault, said plainly.
-        return JSONResponse(error_body("storage_error", f"stored object unreadable: {exc.message}",
-                                       error_type="api_error"), status_code=500)
+        return SafeJSONResponse(error_body("storage_error",
+                                           f"stored object unreadable: {exc.message}",
+                                           error_type="api_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> SafeJSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = _validation_param(tuple(first.get("loc", ())))
         message = str(first.get("msg", "invalid request"))
@@ -198,22 +220,23 @@ def install_error_handlers(app: FastAPI) -> None:
                 param = f"{param}.{cause.param}" if param else cause.param
         elif param:
             message = f"{param}: {message}"
-        return JSONResponse(error_body("invalid_request", message, param=param), status_code=422)
+        return SafeJSONResponse(error_body("invalid_request", message, param=param),
+                                status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+        return SafeJSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=headers)
 
-    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    async def _database_error(request: Request, exc: Exception) -> SafeJSONResponse:
         if isinstance(exc, DataError):  # a value the database cannot hold (Postgres: a NUL)
             reason = "; ".join(line.strip() for line in
                                str(getattr(exc, "orig", None) or exc).splitlines()[:2])
-            return JSONResponse(error_body(InvalidRequest.code,
+            return SafeJSONResponse(error_body(InvalidRequest.code,
                                            f"a value cannot be stored: {reason}"),
                                 status_code=InvalidRequest.status_code)
         if not is_database_unavailable(exc):
@@ -227,6 +250,6 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(database_error, _database_error)
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("internal_error", "internal server error",
+    async def _internal_error(_: Request, exc: Exception) -> SafeJSONResponse:
+        return SafeJSONResponse(error_body("internal_error", "internal server error",
                                        error_type="api_error"), status_code=500)

@@ -13,8 +13,9 @@ from api.core.config import Settings, get_settings
 from api.core.db import engine_for, session_factory, upgrade_database
 from api.core.queue import CeleryEnqueuer
 from api.core.storage import Storage, StorageUnavailable, open_storage
-from api.errors import install_error_handlers
+from api.errors import SafeJSONResponse, install_error_handlers
 from api.observability import AdapterCacheCollector, InferenceMetrics, install_metrics
+from api.request_limits import install_request_limits
 from api.routes import adapters, files, health, jobs, models
 from api.routes import inference as inference_routes
 from api.services import inference, tenants
@@ -84,7 +85,8 @@ def create_app(settings: Settings | None = None, *, open_mode: bool | None = Non
     `open_mode`: the decision `speft serve` took before binding (keys synced); None: the app
     syncs the keys and decides it at start-up."""
     settings = settings or get_settings()
-    app = FastAPI(title="speft", version="1", lifespan=lifespan)
+    app = FastAPI(title="speft", version="1", lifespan=lifespan,
+                  default_response_class=SafeJSONResponse)
     app.state.settings = settings
     app.state.open_mode_decided = open_mode
     app.state.open_mode = False  # in effect from start-up on; until then every request needs a key
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None, *, open_mode: bool | None = Non
     # A callable raising when the broker is down (readyz); the enqueuer probes its own broker.
     app.state.broker_check = app.state.enqueue_job.check
     install_error_handlers(app)
+    install_request_limits(app, settings)  # inside the metrics middleware: its 413s are counted
     app.state.metrics_registry = install_metrics(app, app.state.sessions)
     app.state.inference = inference.InferenceEngines(
         settings, storage=lambda: app.state.storage,

@@ -9,15 +9,20 @@ from sqlalchemy.orm import Session
 from api.services.job_runs import json_safe
 from api.services.jobs import add_event, is_cancel_requested, record_eval, record_progress
 from speft_core.train import StepReport, TrainCallbacks
+from worker.heartbeat import ProgressClock
 
 CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
 
 
 class JobRecorder:
-    """Training callbacks that write progress, metrics and events to the job and poll for cancel."""
+    """Training callbacks that write progress, metrics and events to the job and poll for cancel;
+    each step, evaluation and event also moves the attempt's `progress` clock (the heartbeat
+    stops when it stands still for SPEFT_STALL_TIMEOUT_S)."""
 
-    def __init__(self, session: Session, job_id: str, attempt: int) -> None:
+    def __init__(self, session: Session, job_id: str, attempt: int,
+                 progress: ProgressClock | None = None) -> None:
         self.session, self.job_id, self.attempt = session, job_id, attempt
+        self.progress = progress or ProgressClock()
         self.stop = False
         self.last_poll = float("-inf")
 
@@ -33,17 +38,20 @@ class JobRecorder:
                                  lr=report.lr, grad_norm=report.grad_norm,
                                  attempt=self.attempt)
         self.session.commit()
+        self.progress.touch()
         self.stop = self.stop or not active
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """One eval metric row and event."""
         record_eval(self.session, job_id=self.job_id, step=step, metrics=json_safe(metrics))
         self.session.commit()
+        self.progress.touch()
 
     def on_event(self, message: str, data: dict[str, Any]) -> None:
         """A free-form training event."""
         add_event(self.session, job_id=self.job_id, message=message, data=json_safe(data))
         self.session.commit()
+        self.progress.touch()
 
     def should_cancel(self) -> bool:
         """True once the job is no longer active or a cancel was requested (read every few seconds)."""

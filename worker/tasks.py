@@ -43,7 +43,7 @@ from api.services.reconciler import ReconcilePolicy, reconcile_jobs
 from speft_core.errors import SpeftError, TrainingCancelled
 from speft_core.train import fine_tune
 from worker.celery_app import app
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Heartbeat, ProgressClock
 from worker.recorder import JobRecorder
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,21 @@ def run_job(job_id: str) -> None:
         attempt = current_attempt(session, job_id=job_id)
         session.commit()
         log.info("speft.job claimed job_id=%s worker=%s attempt=%d", job_id, worker, attempt)
-        with Heartbeat(job_id, attempt, interval_s=get_settings().heartbeat_interval_s):
-            _run_claimed(session, job_id, attempt)
+        settings = get_settings()
+        with Heartbeat(job_id, attempt, interval_s=settings.heartbeat_interval_s,
+                       stall_timeout_s=settings.stall_timeout_s) as beat:
+            _run_claimed(session, job_id, attempt, beat.progress)
 
 
-def _run_claimed(session: Session, job_id: str, attempt: int) -> None:
+def _run_claimed(session: Session, job_id: str, attempt: int, progress: ProgressClock) -> None:
     """Train a claimed job and record how it ended (every write leased to `attempt`)."""
     try:
         storage = get_storage()
         with job_runs.local_inputs(session, storage=storage, job_id=job_id,
                                    cache_dir=get_settings().model_cache_dir) as (spec, device):
             result = fine_tune(spec, device=device,
-                               callbacks=JobRecorder(session, job_id, attempt).callbacks())
+                               callbacks=JobRecorder(session, job_id, attempt,
+                                                     progress).callbacks())
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
                                  spec=spec, result=result)
     except TrainingCancelled:

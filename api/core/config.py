@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 100 * MiB
     max_file_lines: int = 1_000_000
     max_line_bytes: int = 1 * MiB  # one JSONL line (one example) of an upload
+    # The request body of every route but the upload (which max_upload_bytes bounds): 413 beyond.
+    max_json_body_bytes: int = 1 * MiB
     default_tenant: str = "default"
     # Jobs go to the queue of their device kind, `<queue_prefix><device>` (`cpu`, `cuda`): GPU and
     # CPU workers share one broker and each consumes its own kind (`speft worker --device`).
@@ -114,6 +116,10 @@ class Settings(BaseSettings):
     requeue_after_s: float = 300.0
     max_attempts: int = 3
     reconcile_interval_s: float = 30.0
+    # A running attempt that shows no progress (no step, evaluation or event: model downloads
+    # and salience scoring report none, so keep it above the longest of those) for
+    # stall_timeout_s stops heart-beating, and the reconciler treats it as a lost worker.
+    stall_timeout_s: float = 3600.0
     # Limits per tenant (API): requests in a moving window, as a `limits` string ("600/minute",
     # several joined by ";"; empty: off), counted in rate_limit_storage_url (memory://: per API
     # process; redis://…: shared by every API process; unset: the broker when it is Redis, else
@@ -214,7 +220,7 @@ class Settings(BaseSettings):
 
     @field_validator("max_upload_bytes", "max_file_lines", "max_line_bytes", "db_pool_size",
                      "adapter_cache_bytes", "inference_max_batch_size", "max_attempts",
-                     "inference_max_input_chars")
+                     "inference_max_input_chars", "max_json_body_bytes")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         if value < 1:
@@ -237,7 +243,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("heartbeat_interval_s", "heartbeat_timeout_s", "requeue_after_s",
-                     "reconcile_interval_s")
+                     "reconcile_interval_s", "stall_timeout_s")
     @classmethod
     def _check_seconds(cls, value: float, info: Any) -> float:
         if not value > 0:

@@ -57,9 +57,10 @@ def get_file_content(file_id: str, session: SessionDep, storage: StorageDep,
     return download_response(chunks, size=row.bytes, filename=f"{row.id}.jsonl")
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404))
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, session: SessionDep, storage: StorageDep,
                 tenant: TenantDep) -> FileDeleted:
-    """Delete a file (its bytes are removed; jobs that used it keep their record)."""
+    """Delete a file (its bytes are removed; jobs that used it keep their record); 409 naming
+    the job while an unfinished job uses it."""
     row = files.delete_file(session, storage=storage, tenant_id=tenant.id, file_id=file_id)
     return FileDeleted(id=row.id)

@@ -8,9 +8,9 @@ of the ORM `Job`, so `JobObject.model_validate(job)` reads them like columns.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, StringConstraints
 
 from api.core.config import Device
 from api.schemas.common import (
@@ -35,8 +35,14 @@ from speft_core.config import (
 )
 from speft_core.salience import METRICS
 
+# OpenAI's limits: a suffix of up to 64 characters; metadata of up to 16 pairs, keys of up to
+# 64 characters and values of up to 512.
 MAX_SUFFIX_LENGTH = 64
 MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 512
+MetadataKey = Annotated[str, StringConstraints(max_length=MAX_METADATA_KEY_LENGTH)]
+MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_LENGTH)]
 
 # -- the core's settings, documented with the bounds their own checks enforce ----------------
 _LEARNING_RATE = number_range(0.0, 10.0, low_open=True)
@@ -89,7 +95,10 @@ class JobCreate(StrictModel):
     hyperparameters: TrainSettings = Field(default_factory=TrainConfig)
     suffix: str | None = Field(default=None, max_length=MAX_SUFFIX_LENGTH,
                                pattern=r"^[A-Za-z0-9._-]+$")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict, max_length=MAX_METADATA_KEYS,
+        description=f"Up to {MAX_METADATA_KEYS} pairs; keys of up to {MAX_METADATA_KEY_LENGTH} "
+                    f"characters, values of up to {MAX_METADATA_VALUE_LENGTH}")
 
     def to_spec(self, *, task: str, training_file: str, validation_file: str | None) -> JobSpec:
         """The core job spec, with files resolved to local paths by the caller."""

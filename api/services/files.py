@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from api.core.models import File, new_id
 from api.core.storage import ObjectTooLarge, Storage
 from api.errors import InvalidRequest, PayloadTooLarge
-from api.services import stored_objects
+from api.services import job_reads, stored_objects
 from speft_core.data import parse_dataset
 from speft_core.errors import DatasetFormatError
 
@@ -126,6 +126,8 @@ def file_content(session: Session, *, storage: Storage, tenant_id: str,
 
 
 def delete_file(session: Session, *, storage: Storage, tenant_id: str, file_id: str) -> File:
-    """Soft-delete the tenant's file (jobs keep their link) and remove its bytes."""
+    """Soft-delete the tenant's file (jobs keep their link) and remove its bytes; Conflict while
+    an unfinished job uses it."""
+    job_reads.refuse_if_file_in_use(session, tenant_id=tenant_id, file_id=file_id)
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
     return stored_objects.soft_delete(session, storage, row)

@@ -24,7 +24,7 @@ from api.core.db import dialect_insert
 from api.core.models import File, Job, JobStatus, RegisteredModel, new_id, utcnow
 from api.errors import Conflict, InvalidRequest
 from api.schemas.jobs import JobCreate
-from api.services import jobs, stored_objects
+from api.services import jobs
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,12 @@ def _base_model(session: Session, *, model_id: str) -> RegisteredModel:
 def _datasets(session: Session, *, tenant_id: str, task: str,
               file_ids: dict[str, str]) -> None:
     """Check in one query that each `{field: file_id}` is the tenant's live file written for
-    `task`; 400 naming the first bad field otherwise."""
-    rows = stored_objects.live_by_id(session, File, tenant_id=tenant_id,
-                                     object_ids=file_ids.values())
+    `task`; 400 naming the first bad field otherwise. The rows are locked (`FOR UPDATE`) until
+    the commit, so a delete of one of them waits and then sees the new job (409), or wins and
+    the file is gone here (see `job_reads.refuse_if_file_in_use`)."""
+    rows = {row.id: row for row in session.scalars(
+        select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None),
+                           File.id.in_(set(file_ids.values()))).with_for_update())}
     for field, file_id in file_ids.items():
         row = rows.get(file_id)
         if row is None:

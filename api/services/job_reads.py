@@ -1,4 +1,5 @@
-"""A tenant's fine-tuning jobs: reads (one, a page), cancel, events and metrics.
+"""A tenant's fine-tuning jobs: reads (one, a page), cancel, events and metrics, and whether a
+file is in use by an unfinished job (a delete's check).
 
 Every function is scoped by tenant: another tenant's job is NotFound, exactly like a missing one.
 """
@@ -9,7 +10,15 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from api.core.models import TERMINAL_STATUSES, Job, JobEvent, JobMetric, JobStatus, MetricKind
+from api.core.models import (
+    TERMINAL_STATUSES,
+    File,
+    Job,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+    MetricKind,
+)
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.schemas.jobs import JobMetric as JobMetricObject
 from api.services import jobs
@@ -73,3 +82,24 @@ def list_metrics(session: Session, *, tenant_id: str, job_id: str) -> list[JobMe
                    else jobs.EVAL_COLUMNS)
         values.update({name: getattr(row, name) for name in columns})
     return [JobMetricObject(**merged[step]) for step in sorted(merged)]
+
+
+def refuse_if_file_in_use(session: Session, *, tenant_id: str, file_id: str) -> None:
+    """Conflict naming the job when an unfinished job (validating_files, queued, running,
+    cancel_requested) of the tenant trains on or validates with file `file_id`.
+
+    The file's row is locked first (`SELECT … FOR UPDATE`; a no-op on SQLite, whose writers are
+    serialised anyway), as job creation locks the files it checks: a job created while the file
+    is being deleted either commits first and is seen here, or waits and finds the file gone."""
+    session.execute(select(File.id).where(File.id == file_id, File.tenant_id == tenant_id)
+                    .with_for_update())
+    user = session.execute(
+        select(Job.id, Job.status)
+        .where(Job.tenant_id == tenant_id, Job.status.in_(jobs.NON_TERMINAL_STATUSES),
+               or_(Job.training_file == file_id, Job.validation_file == file_id))
+        .order_by(Job.created_at).limit(1)
+    ).first()
+    if user is not None:
+        raise Conflict(f"file {file_id} is in use by job {user.id} ({user.status.value}); "
+                       "cancel the job or wait until it finishes, then delete the file",
+                       param="file_id")

@@ -22,11 +22,12 @@ import torch
 from sqlalchemy.orm import Session
 
 from api.core.models import File, Job
-from api.core.storage import Storage
+from api.core.storage import ObjectNotFound, Storage
 from api.services.jobs import finish_cancelled, finish_succeeded
 from api.services.models import model_reference
 from speft_core.config import JobSpec
 from speft_core.delta import delta_to_bytes
+from speft_core.errors import SpeftError
 from speft_core.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,23 @@ def training_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def _enter_local_file(stack: contextlib.ExitStack, session: Session, *, storage: Storage,
+                      field: str, file_id: str) -> Path:
+    """A verified local copy of the job's file `file_id`, removed when `stack` closes. A file
+    deleted, or whose object is gone, is the user's doing: a SpeftError naming `field`, so the
+    job fails as user_error (never internal_error)."""
+    row = session.get(File, file_id)
+    if row is None or row.deleted_at is not None:
+        raise SpeftError(f"{field} {file_id} was deleted before the job could read it",
+                         param=field)
+    try:
+        path: Path = stack.enter_context(storage.open_local(row.storage_key, sha256=row.sha256))
+    except ObjectNotFound as err:
+        raise SpeftError(f"{field} {file_id} is no longer stored (deleted before the job could "
+                         "read it)", param=field) from err
+    return path
+
+
 @contextlib.contextmanager
 def local_inputs(session: Session, *, storage: Storage, job_id: str,
                  cache_dir: Path) -> Iterator[tuple[JobSpec, torch.device]]:
@@ -89,12 +107,8 @@ def local_inputs(session: Session, *, storage: Storage, job_id: str,
                                ("validation_file", job.validation_file)):
             body[field] = None
             if file_id is not None:
-                row = session.get(File, file_id)
-                if row is None:
-                    raise LookupError(f"{field} {file_id} of job {job_id} not found")
-                path: Path = stack.enter_context(storage.open_local(row.storage_key,
-                                                                    sha256=row.sha256))
-                body[field] = str(path)
+                body[field] = str(_enter_local_file(stack, session, storage=storage, field=field,
+                                                    file_id=file_id))
         session.commit()  # end the read transaction before training starts
         yield JobSpec.from_dict(body), device
 

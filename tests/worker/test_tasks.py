@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,9 +13,16 @@ import torch
 from sqlalchemy import select, update
 
 from api.core.config import get_settings
-from api.core.db import dispose_engine, make_engine, session_factory, upgrade_database
+from api.core.db import (
+    dispose_engine,
+    get_session_factory,
+    make_engine,
+    session_factory,
+    upgrade_database,
+)
 from api.core.models import (
     Adapter,
+    File,
     Job,
     JobEvent,
     JobMetric,
@@ -30,6 +38,7 @@ from api.services.jobs import (
     request_cancel,
     requeue_stale_job,
 )
+from api.services.reconciler import ReconcilePolicy, reconcile_jobs
 from speft_core.errors import TrainingCancelled
 from tests.fixtures.jobs import Service
 from worker import recorder, tasks
@@ -102,6 +111,23 @@ def test_bad_training_line_fails_as_user_error(service):
     assert (job.status, job.error_code) == (JobStatus.FAILED, USER_ERROR)
     assert "line 3" in job.error_message
     assert service.count(Adapter, job_id) == 0 and service.adapter_objects() == []
+
+
+@pytest.mark.parametrize("field", ["training_file", "validation_file"])
+@pytest.mark.parametrize("how", ["row deleted", "object missing"])
+def test_a_file_deleted_under_a_queued_job_fails_it_as_user_error_naming_the_field(
+        service, field, how):
+    job_id = service.make_job()
+    with service.sessions() as session:
+        row = session.get(File, getattr(session.get(Job, job_id), field))
+        if how == "row deleted":
+            row.deleted_at = utcnow()
+        service.storage.delete(row.storage_key)
+        session.commit()
+    tasks.run_job.run(job_id)
+    job = service.job(job_id)
+    assert (job.status, job.error_code, job.error_param) == (JobStatus.FAILED, USER_ERROR, field)
+    assert row.id in job.error_message and "deleted" in job.error_message
 
 
 def test_cancel_before_start_means_no_training(service):
@@ -236,3 +262,112 @@ def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, mo
     job = service.job(job_id)
     assert job.status == JobStatus.FAILED and "worker lost" in job.error_message
     assert service.adapter_objects() == []
+
+
+# --- an attempt that makes no progress (SPEFT_STALL_TIMEOUT_S) ---------------------------------
+
+
+def _wait_until(condition, timeout_s: float = 10.0):
+    """The first truthy value of `condition()`, polled until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def _events(service, job_id):
+    with service.sessions() as session:
+        return [(event.level, event.message) for event in
+                session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                .order_by(JobEvent.id))]
+
+
+def _stalled(service, job_id):
+    return [message for level, message in _events(service, job_id)
+            if level == "warning" and "stalled" in message]
+
+
+def _sweep(max_attempts: int):
+    """One reconciler sweep, committed (the re-sends are left out: the test delivers them)."""
+    policy = ReconcilePolicy.from_settings(get_settings())
+    policy = ReconcilePolicy(policy.heartbeat_timeout_s, policy.requeue_after_s, max_attempts)
+    with get_session_factory()() as session:
+        done = reconcile_jobs(session, policy=policy)
+        session.commit()
+    return done
+
+
+@pytest.fixture
+def hung_first_attempt(service, monkeypatch):
+    """Attempt 1's training blocks at step 0 (as on a build lock nobody releases) until the test
+    releases it, then raises; later attempts train for real. Short timeouts: a beat every 50 ms,
+    a stall after 0.5 s without progress, a worker presumed lost after 0.3 s of silence."""
+    for name, value in (("HEARTBEAT_INTERVAL_S", "0.05"), ("STALL_TIMEOUT_S", "0.5"),
+                        ("HEARTBEAT_TIMEOUT_S", "0.3")):
+        monkeypatch.setenv(f"SPEFT_{name}", value)
+    get_settings.cache_clear()
+    release = threading.Event()
+    real_fine_tune, calls = tasks.fine_tune, []
+
+    def hung_then_healthy(spec, **kwargs):
+        calls.append(spec)
+        if len(calls) == 1:
+            release.wait(60)
+            raise RuntimeError("woke up")  # its failure must not land: the lease is gone
+        return real_fine_tune(spec, **kwargs)
+
+    monkeypatch.setattr(tasks, "fine_tune", hung_then_healthy)
+    job_id = service.make_job()
+    first = threading.Thread(target=tasks.run_job.run, args=(job_id,))
+    first.start()
+    try:
+        yield job_id
+    finally:
+        release.set()
+        first.join(timeout=30)
+
+
+def test_a_stuck_attempt_stops_heart_beating_is_requeued_and_a_healthy_retry_succeeds(
+        service, monkeypatch, hung_first_attempt):
+    job_id = hung_first_attempt
+    assert "no step, evaluation or event" in _wait_until(lambda: _stalled(service, job_id))[0]
+    assert _wait_until(lambda: _sweep(max_attempts=3).requeued) == [job_id]
+    assert service.job(job_id).status == JobStatus.QUEUED
+    monkeypatch.setenv("SPEFT_STALL_TIMEOUT_S", "3600")  # the retry loads and scores for seconds
+    get_settings.cache_clear()
+    tasks.run_job.run(job_id)  # the re-sent message, delivered to a healthy worker
+    job = service.job(job_id)
+    assert (job.status, job.attempts, job.error_code) == (JobStatus.SUCCEEDED, 2, None)
+    assert service.count(Adapter, job_id) == 1
+
+
+def test_a_stuck_attempt_without_attempts_left_fails_as_a_lost_worker(service,
+                                                                      hung_first_attempt):
+    job_id = hung_first_attempt
+    _wait_until(lambda: _stalled(service, job_id))
+    assert _wait_until(lambda: _sweep(max_attempts=1).failed) == [job_id]
+    job = service.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, INTERNAL_ERROR)
+    assert "worker lost" in job.error_message
+
+
+def test_events_are_progress_so_a_long_silent_phase_that_reports_them_keeps_its_heartbeat(
+        service, monkeypatch):
+    monkeypatch.setenv("SPEFT_HEARTBEAT_INTERVAL_S", "0.05")
+    monkeypatch.setenv("SPEFT_STALL_TIMEOUT_S", "0.4")
+    get_settings.cache_clear()
+    job_id = service.make_job()
+    beats = []
+
+    def scoring_with_events(spec, *, callbacks, **_):
+        for phase in range(8):  # 1.6 s in all, an event every 0.2 s: never 0.4 s idle
+            time.sleep(0.2)
+            callbacks.on_event(f"phase {phase}", {})
+            beats.append(service.job(job_id).heartbeat_at)
+        raise TrainingCancelled()
+
+    monkeypatch.setattr(tasks, "fine_tune", scoring_with_events)
+    tasks.run_job.run(job_id)
+    assert beats == sorted(set(beats)) and len(beats) == 8, beats
+    assert _stalled(service, job_id) == []
