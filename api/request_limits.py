@@ -40,26 +40,26 @@ class _BodyTooLarge(Exception):
     """Raised into the app by `receive` once a streamed body passes its route's limit."""
 
 
-def lone_surrogate_path(value: Any, path: str = "") -> tuple[str, str] | None:
+def lone_surrogate_path(value: Any) -> tuple[str, str] | None:
     """(path, what) of the first string or key in decoded JSON holding a lone surrogate: the
-    path as `metadata.k` / `input[2]` (a key is named by the object holding it), None if none."""
-    if isinstance(value, str):
-        found = _SURROGATE.search(value)
-        if found is None:
-            return None
-        return path, f"\\u{ord(found.group()):04x} at character {found.start()}"
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            hit = lone_surrogate_path(item, f"{path}[{index}]")
-            if hit is not None:
-                return hit
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if _SURROGATE.search(key):
+    path as `metadata.k` / `input[2]` (a key is named by the object holding it), None if none.
+
+    Walked with an explicit stack, so a deeply nested body costs no recursion."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return path, f"\\u{ord(found.group()):04x} at character {found.start()}"
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{index}]", child)
+                           for index, child in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            if any(_SURROGATE.search(key) for key in item):
                 return path, "in a key"
-            hit = lone_surrogate_path(item, f"{path}.{key}" if path else key)
-            if hit is not None:
-                return hit
+            pending.extend((f"{path}.{key}" if path else key, child)
+                           for key, child in reversed(list(item.items())))
     return None
 
 
@@ -70,7 +70,7 @@ def _surrogate_error(body: bytes) -> SafeJSONResponse | None:
         return None
     try:
         decoded = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: the route answers
         return None
     hit = lone_surrogate_path(decoded)
     if hit is None:

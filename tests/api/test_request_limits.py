@@ -77,6 +77,18 @@ def test_a_surrogate_pair_and_an_escaped_backslash_are_ordinary_text(
     assert response.json()["metadata"] == {"emoji": "\U0001f600", "text": "\\ud800"}
 
 
+@pytest.mark.parametrize("depth", [900, 100_000])
+def test_a_deeply_nested_body_with_a_surrogate_escape_is_4xx_not_500(
+        client: TestClient, training_file: str, depth: int) -> None:
+    """The surrogate check walks without recursion and leaves bodies JSON cannot hold to the
+    route (a body under the recursion limit is named; a deeper one is the route's 4xx)."""
+    nested = "[" * depth + SURROGATE_BODY + "]" * depth
+    response = raw_post(client, "/v1/fine_tuning/jobs",
+                        (JOB % training_file) + f'"metadata": {{"k": {nested}}}}}')
+    assert 400 <= response.status_code < 500, response.text
+    assert client.app.state.sent == []
+
+
 def test_a_surrogate_already_stored_never_breaks_a_listing(
         client: TestClient, training_file: str, tmp_path: Path) -> None:
     """A row written before the door check (or by another path) still renders: escaped."""
