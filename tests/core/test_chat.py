@@ -257,3 +257,19 @@ def test_prompt_completion_jobs_record_no_chat_template(stories_dir: Path, tmp_p
         "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_length": 32},
     }), device=torch.device("cpu"))
     assert CHAT_TEMPLATE_KEY not in result.delta.metadata
+
+
+def test_a_validation_file_of_the_other_kind_is_refused_naming_it(stories_dir: Path,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setenv("SPEFT_MODELS_DIR", str(stories_dir.parent))
+    train_file, dev_file = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train_file.write_text("\n".join(CHAT_SET.read_text().splitlines()[:4]) + "\n")
+    dev_file.write_text('{"prompt": "Once", "completion": " upon a time"}\n')
+    with pytest.raises(DatasetFormatError) as info:
+        fine_tune(JobSpec.from_dict({
+            "model": "stories-260k", "training_file": str(train_file),
+            "validation_file": str(dev_file), "task": "causal_lm",
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_length": 128},
+        }), device=torch.device("cpu"))
+    assert info.value.param == "validation_file" and "chat rows" in info.value.message
