@@ -20,6 +20,11 @@ Decisions kept here once:
 - Causal LM rows are `{"prompt", "completion"}` (loss on the completion only) or `{"text"}`
   (read as an empty prompt and the whole text as the completion); `text` and `completion`
   must be non-empty, `prompt` may be empty.
+- Chat rows (causal_lm too) are `{"messages": [{"role", "content", "weight"?}, ...]}` in
+  OpenAI's chat fine-tuning format: roles system, user, assistant; content a non-empty string;
+  `weight` (0 or 1, default 1) only on assistant messages. A conversation starts with a system
+  or user message and has at least one assistant message of weight 1 (the loss covers those).
+  A file is either all chat rows or none (tokenisation and the template: speft_core/chat.py).
 - Causal LM sequences are `[bos] + prompt + completion + [eos]` (bos/eos where the tokenizer has
   them), truncated on the right; when that would leave no completion token, the prompt is cut on
   the left instead so that at least one completion token stays. A truncated completion loses its
@@ -73,12 +78,31 @@ class CausalLMExample:
     line: int | None = field(default=None, compare=False)  # 1-based source line, for error messages
 
 
-Example = ClassificationExample | CausalLMExample
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat row; `weight` 1 puts an assistant message under the loss."""
+
+    role: str
+    content: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One chat row (causal_lm): a conversation whose weight-1 assistant messages are learned."""
+
+    messages: tuple[ChatMessage, ...]
+    line: int | None = field(default=None, compare=False)  # 1-based source line, for error messages
+
+
+Example = ClassificationExample | CausalLMExample | ChatExample
+Rows = list[ClassificationExample] | list[CausalLMExample] | list[ChatExample]
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def read_jsonl(
     path: str | os.PathLike[str], task: str, *, max_examples: int | None = None
-) -> list[ClassificationExample] | list[CausalLMExample]:
+) -> Rows:
     """Read and validate a JSONL dataset file for `task`; stops after `max_examples` examples."""
     with open(path, "rb") as handle:
         return parse_jsonl_lines(handle, task, max_examples=max_examples)
@@ -86,7 +110,7 @@ def read_jsonl(
 
 def parse_jsonl_lines(
     lines: Iterable[bytes | str], task: str, *, max_examples: int | None = None
-) -> list[ClassificationExample] | list[CausalLMExample]:
+) -> Rows:
     """Validate JSONL lines (one item a line) for `task`; DatasetFormatError names the bad line.
 
     Lines after the `max_examples`-th example are not read (nor validated).
@@ -99,7 +123,7 @@ def parse_jsonl_lines(
 
 def parse_dataset(
     lines: Iterable[bytes | str],
-) -> tuple[str, list[ClassificationExample] | list[CausalLMExample]]:
+) -> tuple[str, Rows]:
     """Tell the task from the first object and validate every line for it: (task, examples)."""
     objects = _json_objects(lines)
     first = next(objects, None)
@@ -109,18 +133,19 @@ def parse_dataset(
     if task is None:
         raise DatasetFormatError(
             "cannot tell the task: give 'text' and 'label' (classification), "
-            "'prompt' and 'completion' or 'text' (causal_lm)", line=first[0],
+            "'prompt' and 'completion', 'text' or 'messages' (causal_lm)", line=first[0],
         )
     return task, _parse_rows(itertools.chain([first], objects), task, None)
 
 
 def detect_task(row: object) -> str | None:
-    """The task a row is written for: classification (`label`) or causal_lm; None if neither."""
+    """The task a row is written for: classification (`label`) or causal_lm (`prompt`,
+    `completion`, `text` or chat `messages`); None if neither."""
     if not isinstance(row, dict):
         return None
     if "label" in row:
         return "classification"
-    if {"prompt", "completion", "text"} & row.keys():
+    if {"prompt", "completion", "text", "messages"} & row.keys():
         return "causal_lm"
     return None
 
@@ -149,13 +174,7 @@ def tokenize(
     `model_max_length`.
     """
     _check_task(task)
-    if not _is_int(max_length) or max_length < 1:
-        raise ConfigError(
-            f"max_length must be a positive integer; got {max_length!r}", param="max_length"
-        )
-    max_length = min(
-        max_length, int(getattr(tokenizer, "model_max_length", max_length) or max_length)
-    )
+    max_length = effective_max_length(tokenizer, max_length)
     if not examples:
         raise DatasetFormatError("the dataset contains no examples")
     expected = ClassificationExample if task == "classification" else CausalLMExample
@@ -165,6 +184,16 @@ def tokenize(
         rows = cast("Sequence[ClassificationExample]", examples)
         return _tokenize_classification(rows, tokenizer, max_length, label2id)
     return _tokenize_causal_lm(cast("Sequence[CausalLMExample]", examples), tokenizer, max_length)
+
+
+def effective_max_length(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """`max_length` (a positive integer, else ConfigError) capped at the tokenizer's
+    `model_max_length`."""
+    if not _is_int(max_length) or max_length < 1:
+        raise ConfigError(
+            f"max_length must be a positive integer; got {max_length!r}", param="max_length"
+        )
+    return min(max_length, int(getattr(tokenizer, "model_max_length", max_length) or max_length))
 
 
 def collate(features: Sequence[Mapping[str, Any]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -255,12 +284,22 @@ def _parse_rows(
         example = parse_row(row, number)
         if isinstance(example, ClassificationExample):
             _count_label(labels, example, number)
+        elif examples and isinstance(example, ChatExample) != isinstance(examples[0], ChatExample):
+            raise DatasetFormatError(
+                "a file is either all chat rows ('messages') or none; the first example "
+                f"(line {examples[0].line}) is {_row_kind(examples[0])}, this one is "
+                f"{_row_kind(example)}", line=number, param="messages",
+            )
         examples.append(example)
         if max_examples is not None and len(examples) >= max_examples:
             break
     if not examples:
         raise DatasetFormatError("the file contains no examples")
     return examples
+
+
+def _row_kind(example: Example) -> str:
+    return "a chat row" if isinstance(example, ChatExample) else "a prompt/completion or text row"
 
 
 def _count_label(labels: set[str], example: ClassificationExample, line: int) -> None:
@@ -302,7 +341,14 @@ def _parse_classification(row: dict[str, Any], line: int) -> ClassificationExamp
     return ClassificationExample(text=text, label=label, text_pair=pair, line=line)
 
 
-def _parse_causal_lm(row: dict[str, Any], line: int) -> CausalLMExample:
+def _parse_causal_lm(row: dict[str, Any], line: int) -> CausalLMExample | ChatExample:
+    if "messages" in row:
+        if {"prompt", "completion", "text"} & row.keys():
+            raise DatasetFormatError(
+                "use either 'messages' or 'prompt'/'completion'/'text', not both",
+                line=line, param="messages",
+            )
+        return _parse_chat(row["messages"], line)
     if "text" in row:
         if "prompt" in row or "completion" in row:
             raise DatasetFormatError(
@@ -322,17 +368,62 @@ def _parse_causal_lm(row: dict[str, Any], line: int) -> CausalLMExample:
     return CausalLMExample(prompt=prompt, completion=completion, line=line)
 
 
-def _required_str(row: dict[str, Any], name: str, line: int, *, non_empty: bool) -> str:
+def _parse_chat(messages: Any, line: int) -> ChatExample:
+    if not isinstance(messages, list) or not messages:
+        got = "an empty array" if isinstance(messages, list) else _json_type(messages)
+        raise DatasetFormatError(f"'messages' must be a non-empty array, got {got}",
+                                 line=line, param="messages")
+    parsed = tuple(_parse_message(item, f"messages[{index}]", line)
+                   for index, item in enumerate(messages))
+    if parsed[0].role == "assistant":
+        raise DatasetFormatError("messages[0] is an assistant message; a conversation starts "
+                                 "with a system or user message", line=line, param="messages[0]")
+    if not any(message.role == "assistant" for message in parsed):
+        raise DatasetFormatError("the conversation has no assistant message", line=line,
+                                 param="messages")
+    if not any(message.role == "assistant" and message.weight for message in parsed):
+        raise DatasetFormatError("every assistant message has weight 0: nothing to learn",
+                                 line=line, param="messages")
+    return ChatExample(messages=parsed, line=line)
+
+
+def _parse_message(item: Any, where: str, line: int) -> ChatMessage:
+    if not isinstance(item, dict):
+        raise DatasetFormatError(f"{where} must be an object, got {_json_type(item)}",
+                                 line=line, param=where)
+    role = item.get("role")
+    if role not in CHAT_ROLES:
+        shown = repr(role) if isinstance(role, str) else _json_type(role)
+        raise DatasetFormatError(
+            f"{where}.role must be one of {', '.join(CHAT_ROLES)}; got {shown}"
+            if "role" in item else f"{where} has no 'role'", line=line, param=f"{where}.role")
+    content = _required_str(item, "content", line, non_empty=True, where=f"{where}.content")
+    weight = item.get("weight", 1)
+    if "weight" in item and role != "assistant":
+        raise DatasetFormatError(f"{where}.weight is only allowed on assistant messages",
+                                 line=line, param=f"{where}.weight")
+    if not _is_int(weight) or weight not in (0, 1):
+        shown = repr(weight) if _is_int(weight) else _json_type(weight)
+        raise DatasetFormatError(f"{where}.weight must be 0 or 1; got {shown}", line=line,
+                                 param=f"{where}.weight")
+    return ChatMessage(role=role, content=content, weight=weight)
+
+
+def _required_str(row: dict[str, Any], name: str, line: int, *, non_empty: bool,
+                  where: str | None = None) -> str:
+    """row[name] as a string; errors name `where` (a path such as messages[2].content) or name."""
+    where = where or name
+    shown = f"{where!r}" if where == name else where
     if name not in row:
-        raise DatasetFormatError(f"missing required field {name!r}", line=line, param=name)
+        raise DatasetFormatError(f"missing required field {shown}", line=line, param=where)
     value = row[name]
     if not isinstance(value, str):
         raise DatasetFormatError(
-            f"{name!r} must be a string, got {_json_type(value)}", line=line, param=name
+            f"{shown} must be a string, got {_json_type(value)}", line=line, param=where
         )
     if non_empty and not value.strip():
-        raise DatasetFormatError(f"{name!r} must not be empty", line=line, param=name)
-    _check_encodable(value, name, line)
+        raise DatasetFormatError(f"{shown} must not be empty", line=line, param=where)
+    _check_encodable(value, where, line)
     return value
 
 
@@ -386,7 +477,7 @@ def _check_task(task: str) -> None:
 _FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _char_bound(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+def char_bound(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
     """Characters that hold `max_length` tokens of ordinary text: no token covers more characters
     than the longest token string of the vocabulary (markers such as `##`, `Ġ` only add)."""
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
@@ -459,7 +550,7 @@ def _tokenize_classification(
             )
         ids.append(label2id[label])
     features: list[dict[str, Any]] = [{} for _ in examples]
-    bound = _char_bound(tokenizer, max_length)
+    bound = char_bound(tokenizer, max_length)
     singles = [i for i, example in enumerate(examples) if example.text_pair is None]
     pairs = [i for i, example in enumerate(examples) if example.text_pair is not None]
     for group, with_pair in ((singles, False), (pairs, True)):
@@ -481,7 +572,7 @@ def _tokenize_causal_lm(
 ) -> list[dict[str, Any]]:
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bound = _char_bound(tokenizer, max_length)
+    bound = char_bound(tokenizer, max_length)
     # A prompt longer than max_length loses its start (its last tokens are kept); more than
     # max_length tokens are needed from a cut prompt, max_length from a cut completion.
     prompts = _encode_cut(tokenizer, [[e.prompt for e in examples]], bound=bound,

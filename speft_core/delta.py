@@ -14,6 +14,8 @@ Decisions kept here once:
   values, rounded once to the weight dtype.
 - Structural checks (modules exist, have a contiguous `.weight`, indices in range, extras' shapes)
   always run; `verify=False` skips only the fingerprint, the one costly check.
+- Optional metadata: `mask`, `scope`, and CHAT_TEMPLATE_KEY (the chat template the job rendered
+  its conversations with, for serving: speft_core/chat.py); other keys are kept as they are.
 - A file must carry every REQUIRED_METADATA key; an in-memory Delta needs only `base_fingerprint`
   (and only when verified), so a trainer can evaluate a delta before it has full metadata.
 """
@@ -47,6 +49,7 @@ REQUIRED_METADATA: tuple[str, ...] = (
     "task",
     "labels",
 )
+CHAT_TEMPLATE_KEY = "chat_template"  # optional: the Jinja chat template a chat-trained delta used
 EXTRA_PREFIX = "extra."
 INDICES_SUFFIX = ".indices"
 VALUES_SUFFIX = ".values"

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import chat
 from . import data as datasets
 from .config import JobSpec, SpeftConfig, TrainConfig
-from .delta import FORMAT, Delta, fingerprint
+from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
 from .errors import ConfigError, DatasetFormatError, TrainingCancelled
 from .masks import MaskUpdate, drop_and_grow, select_mask
 from .models import classification_head, load_model, load_tokenizer, resolve_model
@@ -278,8 +279,13 @@ def train_sparse(
     labels: Sequence[str] | None = None,
     callbacks: TrainCallbacks | None = None,
     device: torch.device | None = None,
+    chat_template: str | None = None,
 ) -> TrainResult:
-    """Train a sparse delta on a loaded model; the model's base weights are restored afterwards."""
+    """Train a sparse delta on a loaded model; the model's base weights are restored afterwards.
+
+    `chat_template` (the features are chat conversations rendered with it) goes into the
+    delta's metadata for serving.
+    """
     callbacks = callbacks or TrainCallbacks()
     device = device or default_device()
     torch.manual_seed(hyper.seed)
@@ -310,6 +316,7 @@ def train_sparse(
             "format": FORMAT, "base_model": base_model, "base_fingerprint": base_fingerprint,
             "metric": speft.metric, "density": str(speft.density), "nnz": str(nnz), "task": task,
             "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
+            **({CHAT_TEMPLATE_KEY: chat_template} if chat_template is not None else {}),
         },
     )
     return TrainResult(delta=delta, eval=final_eval, base_eval=base_eval,
@@ -371,12 +378,29 @@ def fine_tune(
     if isinstance(positions, int) and hyper.max_length > positions:
         raise ConfigError(f"max_length {hyper.max_length} is beyond the {positions} positions "
                           f"of {source.name}", param="hyperparameters.max_length")
-    tokenize = lambda examples: datasets.tokenize(
-        examples, tokenizer, spec.task, max_length=hyper.max_length, label2id=label2id)
+    callbacks = callbacks or TrainCallbacks()
+    is_chat = isinstance(train_examples[0], datasets.ChatExample)
+    template = chat.chat_template_for(tokenizer) if is_chat else None
+
+    def tokenize(examples: Sequence[datasets.Example], param: str) -> list[dict[str, Any]]:
+        if isinstance(examples[0], datasets.ChatExample) != is_chat:
+            raise DatasetFormatError("the validation file must be chat rows exactly when the "
+                                     "training file is", param="validation_file")
+        if not is_chat:
+            return datasets.tokenize(examples, tokenizer, spec.task, max_length=hyper.max_length,
+                                     label2id=label2id)
+        result = chat.tokenize_chat(examples, tokenizer, max_length=hyper.max_length,
+                                    template=template)
+        if result.dropped_lines:
+            callbacks.event("conversations longer than max_length dropped", file=param,
+                            count=len(result.dropped_lines), lines=result.dropped_lines[:20],
+                            max_length=hyper.max_length)
+        return result.features
+
     return train_sparse(
         model, task=spec.task, speft=spec.speft, hyper=hyper,
-        train_features=tokenize(train_examples),
-        eval_features=tokenize(eval_examples) if eval_examples else None,
+        train_features=tokenize(train_examples, "training_file"),
+        eval_features=tokenize(eval_examples, "validation_file") if eval_examples else None,
         pad_token_id=tokenizer.pad_token_id, base_model=source.name, labels=labels,
-        callbacks=callbacks, device=device,
+        callbacks=callbacks, device=device, chat_template=template,
     )

@@ -1,6 +1,7 @@
 """`/v1/files`: upload validation, storage round-trip, tenant isolation, on both backend stacks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import boto3
@@ -96,6 +97,49 @@ def test_invalid_datasets_are_400(make_client, content: bytes, message: str):
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
     assert _stored_keys(client) == []
+
+
+CHAT_SET = Path(__file__).parents[1] / "data" / "alpaca_chat40" / "train.jsonl"
+
+
+def _chat(*messages: object) -> bytes:
+    return json.dumps({"messages": list(messages)}).encode()
+
+
+_USER = {"role": "user", "content": "Hi"}
+_ASSISTANT = {"role": "assistant", "content": "Yo"}
+_GOOD_CHAT = _chat(_USER, _ASSISTANT)
+
+
+def test_chat_file_uploads_as_causal_lm(make_client):
+    client = make_client()
+    body = _upload(client, CHAT_SET.read_bytes(), name="chat.jsonl").json()
+    assert (body["task"], body["num_examples"]) == ("causal_lm", 40)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (_chat({"role": "robot", "content": "Hi"}, _ASSISTANT),
+     "messages[0].role must be one of system, user, assistant; got 'robot'"),
+    (_chat({**_USER, "content": ""}, _ASSISTANT), "messages[0].content must not be empty"),
+    (_chat(_USER, {**_ASSISTANT, "content": None}),
+     "messages[1].content must be a string, got null"),
+    (_chat({**_USER, "content": {"text": "Hi"}}, _ASSISTANT),
+     "messages[0].content must be a string, got an object"),
+    (_chat({"role": "system", "content": "S"}, _USER), "the conversation has no assistant message"),
+    (_chat(_USER, {**_ASSISTANT, "weight": 0}), "every assistant message has weight 0"),
+    (_chat(_USER, {**_ASSISTANT, "weight": 0.5}), "messages[1].weight must be 0 or 1"),
+    (_chat(), "'messages' must be a non-empty array"),
+    (b'{"prompt": "Hi", "completion": "Yo"}', "a file is either all chat rows ('messages') or none"),
+])
+def test_bad_chat_lines_are_400_naming_the_line_and_the_reason(make_client, bad: bytes,
+                                                               reason: str):
+    client = make_client()
+    response = _upload(client, _GOOD_CHAT + b"\n\n" + bad + b"\n" + _GOOD_CHAT + b"\n")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("line 3: ") and reason in error["message"], error
+    assert error["param"] == "file" and error["type"] == "invalid_request_error"
+    assert _file_rows(client) == 0 and _stored_keys(client) == []
 
 
 def test_too_many_lines_is_400(make_client):

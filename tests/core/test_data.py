@@ -397,7 +397,7 @@ def whole_texts(monkeypatch: pytest.MonkeyPatch):
 
     def tokenize_whole(*args, **kwargs):
         with monkeypatch.context() as patch:
-            patch.setattr(data, "_char_bound", lambda tokenizer, max_length: sys.maxsize)
+            patch.setattr(data, "char_bound", lambda tokenizer, max_length: sys.maxsize)
             return tokenize(*args, **kwargs)
 
     return tokenize_whole
@@ -410,7 +410,7 @@ SPACED = "    \t\n  " * 3000 + "the words come after a long run of white space"
 def test_cut_classification_texts_give_the_tokens_of_whole_texts(
     data_dir: Path, minilm_tokenizer, whole_texts, max_length: int
 ) -> None:
-    bound = data._char_bound(minilm_tokenizer, max_length)
+    bound = data.char_bound(minilm_tokenizer, max_length)
     sst2 = [e.text for e in read_jsonl(data_dir / "sst2" / "train.jsonl", "classification")]
     long = [" ".join(sst2[i : i + 40]) for i in range(0, 400, 40)]  # ~4,000 characters each
     short = [text for text in sst2 if len(text) <= bound][:10]
@@ -433,7 +433,7 @@ def test_cut_causal_lm_texts_give_the_tokens_of_whole_texts(
     examples = rows[:40] + [CausalLMExample(long, "short answer"), CausalLMExample("q", long),
                             CausalLMExample(long, long), CausalLMExample("", long),
                             CausalLMExample(SPACED, SPACED), CausalLMExample("", SPACED)]
-    assert len(long) > data._char_bound(stories_tokenizer, max_length)
+    assert len(long) > data.char_bound(stories_tokenizer, max_length)
     got = tokenize(examples, stories_tokenizer, "causal_lm", max_length=max_length)
     assert got == whole_texts(examples, stories_tokenizer, "causal_lm", max_length=max_length)
 
