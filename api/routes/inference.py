@@ -49,10 +49,18 @@ def _engines(request: Request) -> InferenceEngines:
 
 async def _prepare(request: Request, session: Session, storage: Any, tenant: Tenant,
                    body: ClassificationCreate | CompletionCreate, task: str) -> PreparedInference:
-    """Resolve model and adapters off the event loop (database, storage, cold loads)."""
-    return await run_in_threadpool(
-        prepare_inference, session, engines=_engines(request), storage=storage,
-        tenant_id=tenant.id, model_id=body.model, parts=body.adapter_parts(), task=task)
+    """Resolve model and adapters off the event loop (database, storage, cold loads), then
+    release the session's connection: the request awaits the model without holding one."""
+
+    def prepare_and_release() -> PreparedInference:
+        try:
+            return prepare_inference(
+                session, engines=_engines(request), storage=storage, tenant_id=tenant.id,
+                model_id=body.model, parts=body.adapter_parts(), task=task)
+        finally:
+            session.close()  # only rows were read: back to the pool before the model runs
+
+    return await run_in_threadpool(prepare_and_release)
 
 
 @router.post("/classifications", response_model=ClassificationResponse,

@@ -232,7 +232,7 @@ def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, mo
         session.commit()
     service.storage.put(job_runs.attempt_key(job_runs.adapter_id_for(job_id), 1), b"partial")
     assert tasks.reconcile.run() == {"requeued": [], "failed": [job_id], "cancelled": [],
-                                     "resent": []}
+                                     "resent": [], "purged": []}
     job = service.job(job_id)
     assert job.status == JobStatus.FAILED and "worker lost" in job.error_message
     assert service.adapter_objects() == []
