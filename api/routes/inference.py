@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.core.models import Adapter, Tenant, new_id
-from api.deps import SessionDep, StorageDep, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_body, error_responses
 from api.schemas.inference import (
     ClassificationCreate,
@@ -39,7 +39,9 @@ from api.services.inference import (
 from speft_core.errors import SpeftError
 from speft_core.serving import Completion, SamplingParams
 
-router = APIRouter(tags=["inference"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(tags=["inference"],
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 _DONE = object()
 
 

@@ -7,13 +7,14 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.core.models import JobStatus
 from api.core.unit_of_work import after_commit
-from api.deps import SessionDep, TenantDep
+from api.deps import SessionDep, SessionRoute, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.schemas.jobs import JobCreate, JobEvent, JobEventList, JobList, JobMetricList, JobObject
 from api.services import job_creation, job_reads, quotas
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"],
-                   responses=error_responses(*COMMON_ERRORS))
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
