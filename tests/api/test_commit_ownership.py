@@ -161,11 +161,11 @@ def test_a_failed_commit_runs_the_after_rollback_actions_only(
         db_sessions: sessionmaker[Session]):
     ran: list[str] = []
     with db_sessions() as session:
-        with commits_refused(db_sessions), pytest.raises(OperationalError):
-            with unit_of_work(session):
-                session.add(Tenant(id="tenant-uow", name="uow"))
-                after_commit(session, lambda: ran.append("commit"))
-                after_rollback(session, lambda: ran.append("rollback"))
+        with commits_refused(db_sessions), pytest.raises(OperationalError), \
+                unit_of_work(session):
+            session.add(Tenant(id="tenant-uow", name="uow"))
+            after_commit(session, lambda: ran.append("commit"))
+            after_rollback(session, lambda: ran.append("rollback"))
         assert ran == ["rollback"]
         commit_and_run(session)  # the actions were used up: a later commit runs none
     assert ran == ["rollback"]
