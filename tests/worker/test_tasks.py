@@ -15,6 +15,7 @@ from api.core.config import get_settings
 from api.core.db import dispose_engine, make_engine, session_factory, upgrade_database
 from api.core.models import (
     Adapter,
+    File,
     Job,
     JobEvent,
     JobMetric,
@@ -236,3 +237,21 @@ def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, mo
     job = service.job(job_id)
     assert job.status == JobStatus.FAILED and "worker lost" in job.error_message
     assert service.adapter_objects() == []
+
+
+def test_the_reconcile_task_removes_the_object_of_a_file_deleted_a_minute_ago_and_not_purged(
+        service):
+    file_id = service.upload("train.jsonl", service.sst2("train", 4))
+    recent_id = service.upload("recent.jsonl", service.sst2("train", 4))
+    with service.sessions() as session:  # both deleted, their after-commit purges lost
+        session.execute(update(File).where(File.id == file_id)
+                        .values(deleted_at=utcnow() - timedelta(seconds=90)))
+        session.execute(update(File).where(File.id == recent_id).values(deleted_at=utcnow()))
+        session.commit()
+    assert tasks.reconcile.run() == {"purged": [file_id]}  # the recent one is left to its purge
+    assert not service.storage.exists(f"files/{file_id}.jsonl")
+    assert service.storage.exists(f"files/{recent_id}.jsonl")
+    with service.sessions() as session:
+        assert session.get(File, file_id).purged_at is not None
+        assert session.get(File, recent_id).purged_at is None
+    assert tasks.reconcile.run() == {}  # purged once
