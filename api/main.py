@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
@@ -14,7 +15,12 @@ from api.core.db import engine_for, session_factory, upgrade_database
 from api.core.queue import CeleryEnqueuer
 from api.core.storage import Storage, StorageUnavailable, open_storage
 from api.errors import SafeJSONResponse, install_error_handlers
-from api.observability import AdapterCacheCollector, InferenceMetrics, install_metrics
+from api.observability import (
+    AdapterCacheCollector,
+    InferenceMetrics,
+    PoolCollector,
+    install_metrics,
+)
 from api.request_limits import install_request_limits
 from api.routes import adapters, files, health, jobs, models
 from api.routes import inference as inference_routes
@@ -61,9 +67,19 @@ def _preload_adapters(app: FastAPI) -> None:
     log.info("serving: preloaded and pinned %d adapter(s): %s", len(pinned), ", ".join(pinned))
 
 
+def limit_threads(app: FastAPI) -> None:
+    """Size AnyIO's default thread limiter (sync handlers and dependencies, `run_in_threadpool`)
+    to the database pool (SPEFT_DB_POOL_SIZE): every thread can get a connection, and requests
+    beyond it wait for a thread, in order, instead of timing out on the pool. Call on the loop."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = app.state.settings.db_pool_size
+    app.state.thread_limiter = limiter
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Startup: storage, migrations, keys and models; shutdown: close the pool."""
+    """Startup: thread limit, storage, migrations, keys and models; shutdown: close the pool."""
+    limit_threads(app)
     app.state.storage = await run_in_threadpool(open_app_storage, app.state.settings)
     await run_in_threadpool(_prepare_database, app)
     if app.state.settings.preload_adapters:
@@ -99,7 +115,9 @@ def create_app(settings: Settings | None = None, *, open_mode: bool | None = Non
     app.state.broker_check = app.state.enqueue_job.check
     install_error_handlers(app)
     install_request_limits(app, settings)  # inside the metrics middleware: its 413s are counted
+    app.state.thread_limiter = None  # AnyIO's default limiter, set at start-up
     app.state.metrics_registry = install_metrics(app, app.state.sessions)
+    app.state.metrics_registry.register(PoolCollector(app.state))
     app.state.inference = inference.InferenceEngines(
         settings, storage=lambda: app.state.storage,
         observer=InferenceMetrics(app.state.metrics_registry))

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests per route, jobs by status, and inference (batches, adapters).
+"""Prometheus metrics: requests per route, jobs by status, inference (batches, adapters), and
+saturation: the database pool and the thread pool (`pool_state`, also in `/readyz`).
 
 Each app gets its own CollectorRegistry, so several apps in one process (tests) never clash.
 Every label takes a bounded set of values: a request's route is the path template of the route
@@ -12,7 +13,8 @@ import hmac
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, ClassVar
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -31,6 +33,7 @@ from starlette.applications import Starlette
 from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.core.db import ObservedQueuePool
 from api.core.models import Job, JobStatus
 from api.errors import Unauthorized
 from speft_core.serving import ServingEngine, ServingObserver
@@ -55,6 +58,78 @@ class JobStatusCollector(Collector):
         for status in JobStatus:
             family.add_metric([status.value], float(counts.get(status.value, 0)))
         yield family
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """The database pool and the thread pool at one moment: what is in use and what waits.
+
+    `saturated`: a request is waiting for a connection or for a thread right now (it is served,
+    later; the pool timeout is never reached while threads <= connections)."""
+
+    size: int  # connections kept (SPEFT_DB_POOL_SIZE)
+    max_overflow: int  # connections that may be opened beyond `size`
+    in_use: int  # connections checked out
+    overflow: int  # connections open beyond `size`
+    waiting: int  # checkouts in progress (waiting for a connection, or connecting)
+    slow_checkouts: int  # checkouts that waited longer than SLOW_CHECKOUT_S, since start
+    threads: int  # the thread limit for sync handlers and dependencies
+    threads_busy: int
+    threads_waiting: int  # tasks waiting for a thread
+
+    @property
+    def saturated(self) -> bool:
+        """Something waits for a connection or a thread."""
+        return self.waiting > 0 or self.threads_waiting > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields plus `saturated`, for JSON."""
+        return {**asdict(self), "saturated": self.saturated}
+
+
+def pool_state(state: Any) -> PoolState:
+    """The pools of an app (`app.state`: its engine, and the thread limiter set at start-up)."""
+    pool = state.engine.pool
+    limiter = state.thread_limiter
+    observed = isinstance(pool, ObservedQueuePool)
+    return PoolState(
+        size=pool.size() if observed else 1,
+        max_overflow=pool._max_overflow if observed else 0,
+        in_use=pool.checkedout() if observed else 0,
+        overflow=max(pool.overflow(), 0) if observed else 0,
+        waiting=pool.waiting if observed else 0,
+        slow_checkouts=pool.slow_checkouts if observed else 0,
+        threads=int(limiter.total_tokens) if limiter is not None else 0,
+        threads_busy=int(limiter.borrowed_tokens) if limiter is not None else 0,
+        threads_waiting=limiter.statistics().tasks_waiting if limiter is not None else 0,
+    )
+
+
+class PoolCollector(Collector):
+    """`speft_db_pool_*` and `speft_threadpool_*` gauges, read from the app's pools at scrape."""
+
+    GAUGES: ClassVar[dict[str, tuple[str, str]]] = {
+        "size": ("speft_db_pool_size", "Database connections kept in the pool"),
+        "max_overflow": ("speft_db_pool_max_overflow", "Connections allowed beyond the pool size"),
+        "in_use": ("speft_db_pool_connections_in_use", "Database connections checked out"),
+        "overflow": ("speft_db_pool_overflow", "Database connections open beyond the pool size"),
+        "waiting": ("speft_db_pool_waiting", "Checkouts waiting for a database connection"),
+        "threads": ("speft_threadpool_size", "Threads for sync handlers and dependencies"),
+        "threads_busy": ("speft_threadpool_busy", "Threads running a sync handler or dependency"),
+        "threads_waiting": ("speft_threadpool_waiting", "Tasks waiting for a thread"),
+    }
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """One sample per gauge, and the slow-checkout counter."""
+        current = pool_state(self.state)
+        for field, (name, documentation) in self.GAUGES.items():
+            yield GaugeMetricFamily(name, documentation, value=getattr(current, field))
+        yield CounterMetricFamily("speft_db_pool_slow_checkouts",
+                                  "Checkouts that waited longer than a second",
+                                  value=current.slow_checkouts)
 
 
 UNMATCHED_ROUTE = "unmatched"  # the route label of every request no route matched (404s)

@@ -30,6 +30,7 @@ from api.core.db import get_session_factory
 from api.core.models import Job
 from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, CeleryEnqueuer
 from api.core.storage import Storage, open_storage
+from api.core.unit_of_work import rollback_and_undo, unit_of_work
 from api.services import job_runs
 from api.services.jobs import (
     INTERNAL_ERROR,
@@ -39,7 +40,7 @@ from api.services.jobs import (
     finish_cancelled,
     finish_failed,
 )
-from api.services.reconciler import ReconcilePolicy, reconcile_jobs
+from api.services.reconciler import ReconcilePolicy, reconcile_jobs, sweep_orphan_objects
 from speft_core.errors import SpeftError, TrainingCancelled
 from speft_core.train import fine_tune
 from worker.celery_app import app
@@ -66,13 +67,13 @@ def run_job(job_id: str) -> None:
     """Run one fine-tuning job to a terminal status; does nothing unless the job is queued."""
     with get_session_factory()() as session:
         worker = worker_name()
-        claimed = claim_job(session, job_id=job_id, worker=worker)
-        session.commit()
+        with unit_of_work(session):
+            claimed = claim_job(session, job_id=job_id, worker=worker)
         if not claimed:
             log.info("speft.job not claimed (not queued) job_id=%s worker=%s", job_id, worker)
             return
-        attempt = current_attempt(session, job_id=job_id)
-        session.commit()
+        with unit_of_work(session):
+            attempt = current_attempt(session, job_id=job_id)
         log.info("speft.job claimed job_id=%s worker=%s attempt=%d", job_id, worker, attempt)
         settings = get_settings()
         with Heartbeat(job_id, attempt, interval_s=settings.heartbeat_interval_s,
@@ -92,9 +93,9 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
                                  spec=spec, result=result)
     except TrainingCancelled:
-        session.rollback()
-        finish_cancelled(session, job_id=job_id, attempt=attempt)
-        session.commit()
+        rollback_and_undo(session)
+        with unit_of_work(session):
+            finish_cancelled(session, job_id=job_id, attempt=attempt)
         log.info("speft.job cancelled job_id=%s", job_id)
     except SpeftError as err:
         _fail(session, job_id, attempt, USER_ERROR, err.message, err.param)
@@ -110,33 +111,49 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
 def _fail(session: Session, job_id: str, attempt: int, code: str, message: str,
           param: str | None = None) -> None:
     """Roll back whatever the attempt had begun and fail the job (if still this attempt's)."""
-    session.rollback()
-    finish_failed(session, job_id=job_id, code=code, message=message, param=param,
-                  attempt=attempt)
-    session.commit()
+    rollback_and_undo(session)
+    with unit_of_work(session):
+        finish_failed(session, job_id=job_id, code=code, message=message, param=param,
+                      attempt=attempt)
 
 
 @app.task(name=RECONCILE_TASK)
 def reconcile() -> dict[str, list[str]]:
     """One reconciler sweep: re-queue, fail or cancel jobs whose worker died, re-send queued jobs
-    whose message was lost, and delete the uploads of jobs that ended without an adapter."""
+    whose message was lost, delete the uploads of jobs that ended without an adapter, and remove
+    the orphan objects of deleted files and adapters."""
     settings = get_settings()
     with get_session_factory()() as session:
-        done = reconcile_jobs(session, policy=ReconcilePolicy.from_settings(settings))
-        session.commit()
+        with unit_of_work(session):
+            done = reconcile_jobs(session, policy=ReconcilePolicy.from_settings(settings))
+        purged = _sweep_orphans(session)
         if not done:
-            return {}
-        sends = [(job.id, job.device) for job in
-                 session.scalars(select(Job).where(Job.id.in_(done.to_send)))]
-        given_up = session.execute(select(Job.id, Job.attempts)
-                                   .where(Job.id.in_(done.failed + done.cancelled))).all()
-        session.commit()
+            return {"purged": purged} if purged else {}
+        with unit_of_work(session):
+            sends = [(job.id, job.device) for job in
+                     session.scalars(select(Job).where(Job.id.in_(done.to_send)))]
+            given_up = session.execute(select(Job.id, Job.attempts)
+                                       .where(Job.id.in_(done.failed + done.cancelled))).all()
     enqueue = CeleryEnqueuer(settings, celery=app)
     for job_id, device in sends:
         enqueue(job_id, device)
     for job_id, attempts in given_up:
         job_runs.discard_attempts(get_storage(), job_id=job_id, attempts=attempts)
-    log.warning("speft.reconcile requeued=%s failed=%s cancelled=%s resent=%s",
-                done.requeued, done.failed, done.cancelled, done.resent)
+    log.warning("speft.reconcile requeued=%s failed=%s cancelled=%s resent=%s purged=%s",
+                done.requeued, done.failed, done.cancelled, done.resent, purged)
     return {"requeued": done.requeued, "failed": done.failed, "cancelled": done.cancelled,
-            "resent": done.resent}
+            "resent": done.resent, "purged": purged}
+
+
+def _sweep_orphans(session: Session) -> list[str]:
+    """Remove orphan objects (committed); a storage or database failure is logged and left to
+    the next sweep (purging is idempotent)."""
+    try:
+        with unit_of_work(session):
+            purged = sweep_orphan_objects(session, storage=get_storage())
+    except Exception:
+        log.exception("speft.reconcile orphan sweep failed")
+        return []
+    if purged:
+        log.warning("speft.reconcile purged orphan objects %s", purged)
+    return purged

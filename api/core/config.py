@@ -92,8 +92,10 @@ class Settings(BaseSettings):
     default_device: Device = "cpu"  # for jobs that name none
     models_dir: Path | None = None  # folder of server-side model folders to register
     model_cache_dir: Path = Path("./var/model-cache")  # stored model archives, unpacked by sha256
-    # Database connections kept open per process; size it to the concurrent requests a process
-    # serves (each sync request holds one for its duration), or requests open new ones.
+    # Database connections kept open per process (up to DB_POOL_OVERFLOW more under load), and
+    # the API's thread limit: at most this many sync handlers and dependencies run at once, so
+    # each can get a connection; more requests queue for a thread (in order) instead of timing
+    # out on the pool.
     db_pool_size: int = 20
     # Inference (API process): adapters resident per base model, bounded in bytes (LRU beyond);
     # requests batched within a wait window up to a batch size; path auto = swap for one adapter

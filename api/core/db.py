@@ -3,9 +3,15 @@
 SQLite (the embedded default) runs in WAL mode with foreign keys on and a busy timeout, so the
 API and worker threads can share one file; Postgres pings pooled connections before use.
 The schema is only ever created by `upgrade_database` (`alembic upgrade head`), also in tests.
+
+Pools are `ObservedQueuePool`s: they count the checkouts waiting for a connection and log a
+warning when one waited longer than `SLOW_CHECKOUT_S` (the pool is saturated); `/metrics` and
+`/readyz` report them. The API sizes its thread limit from the same setting (SPEFT_DB_POOL_SIZE),
+so every thread that runs a sync handler or dependency can get a connection.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -17,7 +23,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -25,6 +31,12 @@ if TYPE_CHECKING:
 # migrations/ sits beside the api package in the source tree (also under an editable install).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+SLOW_CHECKOUT_S = 1.0  # a checkout waiting longer than this is logged: the pool is saturated
+# Connections a pool may open beyond SPEFT_DB_POOL_SIZE: for commits of handlers that already
+# gave their thread back, and probes. pool_size + overflow >= the API's thread limit (pool_size).
+DB_POOL_OVERFLOW = 10
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _migration_lock = threading.Lock()  # Alembic's context is process-global: one migration at a time
@@ -64,6 +76,37 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class ObservedQueuePool(QueuePool):
+    """A QueuePool that counts checkouts in progress (`waiting`) and slow ones (`slow_checkouts`,
+    each logged as a warning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counts_lock = threading.Lock()
+        self._checking_out = threading.local()  # QueuePool._do_get may call itself: count once
+        self.waiting = 0
+        self.slow_checkouts = 0
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        if getattr(self._checking_out, "active", False):
+            return super()._do_get()
+        started = time.monotonic()
+        self._checking_out.active = True
+        with self._counts_lock:
+            self.waiting += 1
+        try:
+            return super()._do_get()
+        finally:
+            self._checking_out.active = False
+            waited = time.monotonic() - started
+            with self._counts_lock:
+                self.waiting -= 1
+                self.slow_checkouts += waited > SLOW_CHECKOUT_S
+            if waited > SLOW_CHECKOUT_S:
+                log.warning("speft.db pool saturated: a checkout waited %.1f s (%s)",
+                            waited, self.status())
+
+
 def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     """A new engine for `url`, configured for SQLite (WAL, foreign keys, busy timeout) or Postgres."""
     url = make_url(url)
@@ -73,8 +116,11 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
         if _is_memory_sqlite(url):
             engine_kwargs.setdefault("poolclass", StaticPool)
             engine_kwargs.pop("pool_size", None)  # one shared connection
-        elif url.database:
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine_kwargs.pop("max_overflow", None)
+        else:
+            engine_kwargs.setdefault("poolclass", ObservedQueuePool)
+            if url.database:
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args=connect_args, **engine_kwargs)
         event.listen(engine, "connect", _enable_sqlite_pragmas)
         return engine
@@ -82,12 +128,15 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     # statement to fail with a disconnect error invalidates the whole pool, so one request per
     # process sees the outage (a 503) and the next ones reconnect. Recycling bounds idle age.
     engine_kwargs.setdefault("pool_recycle", 1800)
+    engine_kwargs.setdefault("poolclass", ObservedQueuePool)
     return create_engine(url, **engine_kwargs)
 
 
 def engine_for(settings: Settings) -> Engine:
-    """A new engine for the settings' database, its pool sized by SPEFT_DB_POOL_SIZE."""
-    return make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    """A new engine for the settings' database: SPEFT_DB_POOL_SIZE connections kept, up to
+    DB_POOL_OVERFLOW more opened under load."""
+    return make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                       max_overflow=DB_POOL_OVERFLOW)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

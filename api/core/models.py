@@ -4,7 +4,8 @@ Schema decisions (the migrations in `migrations/versions/` create exactly this):
 - Ids are strings with an OpenAI-style prefix made in Python (`file-…`, `ftjob-…`, `adapter-…`);
   base models use their public name (`minilm-l6`) as id; events and metrics use integers.
 - Timestamps are timezone-aware UTC on both databases (`UTCDateTime`); rows are soft-deleted
-  (`deleted_at`) where the API has DELETE, so job → file/adapter links never dangle.
+  (`deleted_at`) where the API has DELETE, so job → file/adapter links never dangle; `purged_at`
+  records when a deleted row's stored bytes were removed (after the commit, or by the sweep).
 - Job status is a `JobStatus` value in a VARCHAR (no CHECK: a new status needs no migration;
   unknown strings are refused on flush); it changes through `api.services.jobs.transition_job`,
   one conditional UPDATE, so two workers cannot both claim one job.
@@ -213,6 +214,7 @@ class File(Base):
     task: Mapped[str | None] = mapped_column(String(32))  # detected format: classification/causal_lm
     created_at: Mapped[datetime] = _created_at()
     deleted_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]  # when the deleted row's stored bytes were removed
 
 
 class RegisteredModel(Base):
@@ -366,6 +368,7 @@ class Adapter(Base):
     eval: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = _created_at()
     deleted_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]  # when the deleted row's stored bytes were removed
 
     job: Mapped[Job] = relationship()
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import SessionDep, StorageDep, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.routes import DOWNLOAD_RESPONSE, download_response
 from api.schemas.adapters import AdapterDeleted, AdapterList, AdapterObject
 from api.services import adapters
 
 router = APIRouter(prefix="/adapters", tags=["adapters"],
-                   responses=error_responses(*COMMON_ERRORS))
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 
 
 @router.get("", response_model=AdapterList)

@@ -6,13 +6,15 @@ from typing import Annotated
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import SessionDep, SessionRoute, SettingsDep, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.routes import DOWNLOAD_RESPONSE, download_response
 from api.schemas.files import FileDeleted, FileList, FileObject
 from api.services import files
 
-router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(prefix="/files", tags=["files"],
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 
 
 @router.post("", response_model=FileObject, responses=error_responses(413))

@@ -1,4 +1,5 @@
-"""`/healthz` (the process answers) and `/readyz` (database, storage and broker answer)."""
+"""`/healthz` (the process answers) and `/readyz` (database, storage and broker answer, and the
+state of the database and thread pools)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.errors import ServiceUnavailable, error_body
+from api.observability import pool_state
 from api.schemas.health import Readiness, ReadinessFailure
 
 router = APIRouter(tags=["health"])
@@ -34,7 +36,8 @@ def _probe(check: Callable[[], object]) -> str:
                                    503: {"model": ReadinessFailure,
                                          "description": "a dependency is down"}})
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database, storage and broker (when configured) all answer."""
+    """Readiness: the database, storage and broker (when configured) all answer. A saturated
+    pool is reported in `database_pool` (requests wait, and are served) but is not a failure."""
     state = request.app.state
 
     def database() -> None:
@@ -45,9 +48,10 @@ def readyz(request: Request) -> JSONResponse:
     checks = {"database": _probe(database), "storage": _probe(state.storage.check),
               "broker": _probe(broker_check) if broker_check is not None else NOT_CONFIGURED}
     failing = [name for name, result in checks.items() if result not in ("ok", NOT_CONFIGURED)]
+    pools = pool_state(state).as_dict()
     if not failing:
-        return JSONResponse({"status": "ready", "checks": checks})
-    body: dict[str, Any] = {"status": "unavailable", "checks": checks}
+        return JSONResponse({"status": "ready", "checks": checks, "database_pool": pools})
+    body: dict[str, Any] = {"status": "unavailable", "checks": checks, "database_pool": pools}
     message = "; ".join(f"{name}: {checks[name]}" for name in failing)
     body.update(error_body(ServiceUnavailable.code, message, param=failing[0],
                            error_type=ServiceUnavailable.error_type))

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.core.models import Adapter, Tenant, new_id
-from api.deps import SessionDep, StorageDep, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_body, error_responses
 from api.schemas.inference import (
     ClassificationCreate,
@@ -39,7 +39,9 @@ from api.services.inference import (
 from speft_core.errors import SpeftError
 from speft_core.serving import Completion, SamplingParams
 
-router = APIRouter(tags=["inference"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(tags=["inference"],
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 _DONE = object()
 
 
@@ -49,10 +51,18 @@ def _engines(request: Request) -> InferenceEngines:
 
 async def _prepare(request: Request, session: Session, storage: Any, tenant: Tenant,
                    body: ClassificationCreate | CompletionCreate, task: str) -> PreparedInference:
-    """Resolve model and adapters off the event loop (database, storage, cold loads)."""
-    return await run_in_threadpool(
-        prepare_inference, session, engines=_engines(request), storage=storage,
-        tenant_id=tenant.id, model_id=body.model, parts=body.adapter_parts(), task=task)
+    """Resolve model and adapters off the event loop (database, storage, cold loads), then
+    release the session's connection: the request awaits the model without holding one."""
+
+    def prepare_and_release() -> PreparedInference:
+        try:
+            return prepare_inference(
+                session, engines=_engines(request), storage=storage, tenant_id=tenant.id,
+                model_id=body.model, parts=body.adapter_parts(), task=task)
+        finally:
+            session.close()  # only rows were read: back to the pool before the model runs
+
+    return await run_in_threadpool(prepare_and_release)
 
 
 @router.post("/classifications", response_model=ClassificationResponse,

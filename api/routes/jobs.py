@@ -6,13 +6,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.core.models import JobStatus
-from api.deps import SessionDep, TenantDep
+from api.core.unit_of_work import after_commit
+from api.deps import SessionDep, SessionRoute, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.schemas.jobs import JobCreate, JobEvent, JobEventList, JobList, JobMetricList, JobObject
 from api.services import job_creation, job_reads, quotas
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"],
-                   responses=error_responses(*COMMON_ERRORS))
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
@@ -33,7 +35,8 @@ def create_job(
 ) -> JobObject:
     """Create a queued job (201); a replayed Idempotency-Key with the same body returns it (200).
 
-    The row is committed before the run message is sent. If sending fails (broker down) the job
+    The row is committed (by the session dependency) before the run message is sent: the send
+    is an after-commit action. If sending fails (broker down) the job
     still exists and stays queued with an "enqueue failed" event, and the answer is still 201:
     a 2xx means the job exists, and a reconciler re-enqueues queued jobs later.
     """
@@ -45,8 +48,9 @@ def create_job(
         return JobObject.model_validate(job)
     quotas.check_active_jobs(session, tenant_id=tenant.id,  # 429 rolls the insert back
                              limit=request.app.state.settings.max_active_jobs_per_tenant)
-    session.commit()
-    job_creation.enqueue_created_job(session, enqueue=request.app.state.enqueue_job, job=job)
+    enqueue = request.app.state.enqueue_job
+    after_commit(session, lambda: job_creation.enqueue_created_job(session, enqueue=enqueue,
+                                                                   job=job))
     return JobObject.model_validate(job)
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import SessionDep, TenantDep
+from api.deps import SessionDep, SessionRoute, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.schemas.models import ModelList, ModelObject
 from api.services import models
 
-router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(prefix="/models", tags=["models"],
+                   responses=error_responses(*COMMON_ERRORS),
+                   route_class=SessionRoute)
 
 
 @router.get("", response_model=ModelList)

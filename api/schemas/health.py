@@ -1,7 +1,7 @@
 """`/readyz` schemas."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -13,6 +13,9 @@ class Readiness(BaseModel):
 
     status: Literal["ready", "unavailable"]
     checks: dict[str, str]
+    # connections (size, in_use, overflow, waiting, ...) and threads (threads, threads_busy,
+    # threads_waiting); `saturated` when a request waits for either (not a failure)
+    database_pool: dict[str, Any]
 
 
 class ReadinessFailure(Readiness):

@@ -30,7 +30,8 @@ def adapter_content(session: Session, *, storage: Storage, tenant_id: str,
 
 def delete_adapter(session: Session, *, storage: Storage, tenant_id: str,
                    adapter_id: str) -> Adapter:
-    """Soft-delete the tenant's adapter (its job keeps the link) and remove its delta file."""
+    """Soft-delete the tenant's adapter (its job keeps the link); its delta file goes after the
+    commit."""
     row = get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
     return stored_objects.soft_delete(session, storage, row)
 

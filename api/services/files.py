@@ -1,7 +1,6 @@
 """Uploaded datasets: stream to storage, validate as JSONL, record; tenant-scoped reads and deletes."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -9,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.core.models import File, new_id
 from api.core.storage import ObjectTooLarge, Storage
+from api.core.unit_of_work import after_rollback
 from api.errors import InvalidRequest, PayloadTooLarge
 from api.services import job_reads, stored_objects
 from speft_core.data import parse_dataset
@@ -77,9 +77,9 @@ def create_file(
     max_lines: int,
     max_line_bytes: int,
 ) -> File:
-    """Store an upload, validate it as a dataset, record it and commit; nothing stays stored on
-    failure. The commit is made here, not after the route, so that a database failing after the
-    object was put (down, or the commit refused) still deletes the object: no orphan."""
+    """Store an upload, validate it as a dataset and record it (flushed; the caller commits).
+    Nothing stays stored on failure: a refused upload deletes the object here, and an
+    after-rollback action deletes it when the commit fails (database down, commit refused)."""
     if purpose != FILE_PURPOSE:
         raise InvalidRequest(f"purpose must be {FILE_PURPOSE!r}; got {purpose!r}", param="purpose")
     file_id = new_id("file")
@@ -88,22 +88,19 @@ def create_file(
         stored = storage.put(key, data, max_bytes=max_bytes)
     except ObjectTooLarge as err:
         raise PayloadTooLarge(f"the file is larger than {err.limit} bytes", param="file") from err
+    after_rollback(session, lambda: storage.delete(key))
     try:
         task, num_examples = validate_dataset(
             _lines(storage.stream(key, sha256=stored.sha256), max_line_bytes=max_line_bytes),
             max_lines=max_lines,
         )
-        row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
-                   bytes=stored.size, sha256=stored.sha256, storage_key=key,
-                   num_examples=num_examples, task=task)
-        session.add(row)
-        session.commit()
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            storage.delete(key)
-        if isinstance(err, DatasetFormatError):
-            raise InvalidRequest(err.message, param="file", code=err.code) from err
-        raise
+    except DatasetFormatError as err:
+        raise InvalidRequest(err.message, param="file", code=err.code) from err
+    row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
+               bytes=stored.size, sha256=stored.sha256, storage_key=key,
+               num_examples=num_examples, task=task)
+    session.add(row)
+    session.flush()
     return row
 
 
@@ -126,8 +123,8 @@ def file_content(session: Session, *, storage: Storage, tenant_id: str,
 
 
 def delete_file(session: Session, *, storage: Storage, tenant_id: str, file_id: str) -> File:
-    """Soft-delete the tenant's file (jobs keep their link) and remove its bytes; Conflict while
-    an unfinished job uses it."""
+    """Soft-delete the tenant's file (jobs keep their link); its bytes go after the commit.
+    Conflict while an unfinished job uses it."""
     job_reads.refuse_if_file_in_use(session, tenant_id=tenant_id, file_id=file_id)
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
     return stored_objects.soft_delete(session, storage, row)

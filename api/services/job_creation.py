@@ -1,9 +1,9 @@
 """Creating a fine-tuning job: validated, idempotent, then enqueued after the commit.
 
 The state machine lives in `api.services.jobs`, reads and cancel in `api.services.job_reads`;
-this module decides what a request may create. Creation never commits: the route commits, then
-enqueues (polar's "enqueue after commit"), so a worker never looks for a row that is not there
-yet.
+this module decides what a request may create. Creation never commits: the route registers
+`enqueue_created_job` as an after-commit action and the session dependency commits, then runs it
+(polar's "enqueue after commit"), so a worker never looks for a row that is not there yet.
 
 Idempotency: `Idempotency-Key` is unique per tenant (a constraint on `jobs`). The request hash is
 the sha256 of the canonical JSON of the body with defaults filled in, so `{}` and the explicit
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
 from api.core.models import File, Job, JobStatus, RegisteredModel, new_id, utcnow
+from api.core.unit_of_work import unit_of_work
 from api.errors import Conflict, InvalidRequest
 from api.schemas.jobs import JobCreate
 from api.services import jobs
@@ -134,10 +135,9 @@ def enqueue_created_job(session: Session, *, enqueue: EnqueueJob, job: Job) -> b
         enqueue(job_id, device)
     except Exception as err:
         log.exception("speft.job enqueue failed job_id=%s", job_id)
-        session.rollback()
-        jobs.add_event(session, job_id=job_id, level="warning", message="enqueue failed",
-                       data={"error": f"{type(err).__name__}: {err}"})
-        session.commit()
+        with unit_of_work(session):
+            jobs.add_event(session, job_id=job_id, level="warning", message="enqueue failed",
+                           data={"error": f"{type(err).__name__}: {err}"})
         return False
     log.info("speft.job enqueued job_id=%s device=%s", job_id, device)
     return True

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from api.core.models import File, Job
 from api.core.storage import ObjectNotFound, Storage
+from api.core.unit_of_work import after_commit, after_rollback, commit_and_run, unit_of_work
 from api.services.jobs import finish_cancelled, finish_succeeded
 from api.services.models import model_reference
 from speft_core.config import JobSpec
@@ -109,7 +110,7 @@ def local_inputs(session: Session, *, storage: Storage, job_id: str,
             if file_id is not None:
                 body[field] = str(_enter_local_file(stack, session, storage=storage, field=field,
                                                     file_id=file_id))
-        session.commit()  # end the read transaction before training starts
+        commit_and_run(session)  # end the read transaction before training starts
         yield JobSpec.from_dict(body), device
 
 
@@ -120,26 +121,24 @@ def publish_adapter(session: Session, *, storage: Storage, job_id: str, attempt:
     adapter_id = adapter_id_for(job_id)
     key = attempt_key(adapter_id, attempt)
     stored = storage.put(key, delta_to_bytes(result.delta))
-    try:
+    with unit_of_work(session):
+        after_rollback(session, lambda: storage.delete(key))  # the commit failed: no adapter row
         succeeded = finish_succeeded(
             session, job_id=job_id, adapter_id=adapter_id, storage_key=key,
             nnz=result.delta.nnz, density=float(spec.speft.density), metric=spec.speft.metric,
             bytes=stored.size, sha256=stored.sha256, eval=json_safe(result.eval),
             trainable_params=result.trainable_params, attempt=attempt,
         )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        storage.delete(key)
-        raise
+        if succeeded:  # killed attempts' uploads
+            after_commit(session, lambda: delete_attempt_objects(storage, adapter_id,
+                                                                 range(1, attempt)))
     if succeeded:
-        delete_attempt_objects(storage, adapter_id, range(1, attempt))  # killed attempts' uploads
         log.info("speft.job succeeded job_id=%s adapter_id=%s", job_id, adapter_id)
         return True
     storage.delete(key)
     # A cancel that came after the last step (a no-op when the job was re-queued meanwhile).
-    cancelled = finish_cancelled(session, job_id=job_id, attempt=attempt)
-    session.commit()
+    with unit_of_work(session):
+        cancelled = finish_cancelled(session, job_id=job_id, attempt=attempt)
     log.info("speft.job finished elsewhere, adapter discarded job_id=%s cancelled=%s",
              job_id, cancelled)
     return False

@@ -16,6 +16,10 @@ Every change is one conditional UPDATE that re-checks the staleness, so a heartb
 during the sweep wins, and two reconcilers running at once (one per worker) never both act on a
 job. The sweep only writes; the caller commits and then sends the jobs in `Reconciled.to_send`
 ("enqueue after commit", as the API does).
+
+The same task sweeps orphan objects (`sweep_orphan_objects`): a deleted file or adapter whose
+bytes were not removed after its delete committed (the storage failed then) and is still not
+purged `ORPHAN_GRACE_S` later has its object deleted and is marked purged.
 """
 from __future__ import annotations
 
@@ -26,10 +30,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
-from api.core.models import Job, JobStatus, utcnow
-from api.services import jobs
+from api.core.models import Adapter, File, Job, JobStatus, utcnow
+from api.core.storage import Storage
+from api.services import jobs, stored_objects
 
-SWEEP_LIMIT = 500  # jobs looked at per kind per sweep; the next sweep takes the rest
+SWEEP_LIMIT = 500  # jobs (or orphan objects) looked at per kind per sweep; the next takes the rest
+# A deleted row is purged right after its commit; one still unpurged this long after is an orphan.
+ORPHAN_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -101,3 +108,13 @@ def reconcile_jobs(session: Session, *, policy: ReconcilePolicy,
         if jobs.mark_resent(session, job_id=job_id, sent_before=sent_before):
             done.resent.append(job_id)
     return done
+
+
+def sweep_orphan_objects(session: Session, *, storage: Storage, now: datetime | None = None,
+                         grace_s: float = ORPHAN_GRACE_S) -> list[str]:
+    """Delete the stored bytes of files and adapters deleted more than `grace_s` ago and never
+    purged, and mark them purged; the caller commits. Returns their ids."""
+    deleted_before = (now or utcnow()) - timedelta(seconds=grace_s)
+    return [object_id for model in (File, Adapter)
+            for object_id in stored_objects.purge_deleted(
+                session, storage, model, deleted_before=deleted_before, limit=SWEEP_LIMIT)]

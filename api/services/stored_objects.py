@@ -1,18 +1,25 @@
 """Tenant-scoped objects whose bytes live in storage (files, adapters): one way to read and delete.
 
-Rows have `id`, `tenant_id`, `created_at`, `deleted_at`, `storage_key` and `sha256`. Scoping by
-tenant happens here only: another tenant's object and a deleted one are both NotFound.
+Rows have `id`, `tenant_id`, `created_at`, `deleted_at`, `purged_at`, `storage_key` and `sha256`.
+Scoping by tenant happens here only: another tenant's object and a deleted one are both NotFound.
+
+A delete marks the row and removes its bytes only once that mark is committed (an after-commit
+action), then stamps `purged_at`: a failed commit leaves the row live and its object readable; a
+failed object delete after the commit leaves an orphan object that the reconciler's sweep
+(`purge_deleted`) removes.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.core.models import utcnow
 from api.core.storage import Storage
+from api.core.unit_of_work import after_commit, commit_and_run
 from api.errors import NotFound
 
 Row = TypeVar("Row")
@@ -56,9 +63,40 @@ def verified_stream(storage: Storage, row: Any) -> Iterator[bytes]:
 
 
 def soft_delete(session: Session, storage: Storage, row: Row) -> Row:
-    """Mark the row deleted (links to it stay valid) and remove its stored bytes."""
+    """Mark the row deleted (links to it stay valid) and flush; its stored bytes are removed
+    after the commit (and the row marked purged), or later by the sweep if that fails."""
     target: Any = row
     target.deleted_at = utcnow()
     session.flush()
-    storage.delete(target.storage_key)
+    model, object_id, key = type(row), target.id, target.storage_key
+
+    def purge_after_commit() -> None:
+        purge(session, storage, model, object_id=object_id, storage_key=key)
+        commit_and_run(session)
+
+    after_commit(session, purge_after_commit)
     return row
+
+
+def purge(session: Session, storage: Storage, model: type[Row], *, object_id: str,
+          storage_key: str) -> None:
+    """Delete a deleted row's stored bytes (a missing object is fine) and mark it purged; the
+    caller commits."""
+    table: Any = model
+    storage.delete(storage_key)
+    session.execute(update(table).where(table.id == object_id).values(purged_at=utcnow()))
+
+
+def purge_deleted(session: Session, storage: Storage, model: type[Row], *,
+                  deleted_before: datetime, limit: int) -> list[str]:
+    """Purge up to `limit` rows deleted before `deleted_before` whose bytes were never removed
+    (their after-commit delete failed): the orphan sweep. Returns their ids; the caller commits."""
+    table: Any = model
+    orphans = session.execute(
+        select(table.id, table.storage_key)
+        .where(table.deleted_at < deleted_before, table.purged_at.is_(None))
+        .order_by(table.deleted_at).limit(limit)
+    ).all()
+    for object_id, key in orphans:
+        purge(session, storage, model, object_id=object_id, storage_key=key)
+    return [object_id for object_id, _ in orphans]

@@ -3,7 +3,8 @@
 Fault 4, a dependency goes away: the database (refusing connections mid-run) or the storage (the
 S3 server stopped). `/readyz` names what is down; requests answer 503 in the one error shape
 with `param` naming `database` or `storage` (never a 500); nothing half-written stays (no file
-row without its object, no object without its row); the API serves again once it is back.
+row without its object, no object without its row; a delete commits first and leaves the
+unreachable object to the orphan sweep); the API serves again once it is back.
 
 Fault 3, the API is SIGKILLed under load and restarted: a real `speft serve` on a fresh
 PostgreSQL database and a storage folder, sending to the shared Redis under a queue prefix of
@@ -35,7 +36,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from api.core.db import make_engine
-from api.core.models import Job
+from api.core.models import File, Job
 from api.errors import install_error_handlers
 from tests.api.conftest import ClientFactory
 from tests.api.test_files_api import _file_rows, _stored_keys
@@ -113,9 +114,12 @@ def test_storage_outage_is_503_naming_it_and_leaves_no_row(make_client: ClientFa
         assert_unavailable(upload(client), "storage")
         assert _file_rows(client) == 1
         assert_unavailable(client.get(f"/v1/files/{kept}/content"), "storage")
-        assert_unavailable(client.delete(f"/v1/files/{kept}"), "storage")
-        assert client.get(f"/v1/files/{kept}").status_code == 200  # the delete was rolled back
-        assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [kept]
+        # a delete commits first: its object, unreachable now, is left to the orphan sweep
+        assert client.delete(f"/v1/files/{kept}").status_code == 200
+        assert client.get(f"/v1/files/{kept}").status_code == 404
+        with client.app.state.sessions() as session:
+            row = session.get(File, kept)
+            assert row.deleted_at is not None and row.purged_at is None
 
 
 def _orig(message: str) -> Exception:

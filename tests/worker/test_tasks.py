@@ -258,10 +258,28 @@ def test_the_reconcile_task_fails_a_dead_job_and_deletes_its_uploads(service, mo
         session.commit()
     service.storage.put(job_runs.attempt_key(job_runs.adapter_id_for(job_id), 1), b"partial")
     assert tasks.reconcile.run() == {"requeued": [], "failed": [job_id], "cancelled": [],
-                                     "resent": []}
+                                     "resent": [], "purged": []}
     job = service.job(job_id)
     assert job.status == JobStatus.FAILED and "worker lost" in job.error_message
     assert service.adapter_objects() == []
+
+
+def test_the_reconcile_task_removes_the_object_of_a_file_deleted_a_minute_ago_and_not_purged(
+        service):
+    file_id = service.upload("train.jsonl", service.sst2("train", 4))
+    recent_id = service.upload("recent.jsonl", service.sst2("train", 4))
+    with service.sessions() as session:  # both deleted, their after-commit purges lost
+        session.execute(update(File).where(File.id == file_id)
+                        .values(deleted_at=utcnow() - timedelta(seconds=90)))
+        session.execute(update(File).where(File.id == recent_id).values(deleted_at=utcnow()))
+        session.commit()
+    assert tasks.reconcile.run() == {"purged": [file_id]}  # the recent one is left to its purge
+    assert not service.storage.exists(f"files/{file_id}.jsonl")
+    assert service.storage.exists(f"files/{recent_id}.jsonl")
+    with service.sessions() as session:
+        assert session.get(File, file_id).purged_at is not None
+        assert session.get(File, recent_id).purged_at is None
+    assert tasks.reconcile.run() == {}  # purged once
 
 
 # --- an attempt that makes no progress (SPEFT_STALL_TIMEOUT_S) ---------------------------------
