@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.probes import reset_hwm
 from speft_core.salience import SalienceInputs, compute_salience
 from speft_core.targets import find_target_linears
 from speft_core.tasks import example_losses
@@ -71,25 +72,17 @@ print(json.dumps({
 """
 
 
-def _hwm_resettable() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(dtype: str, examples: int, micro: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-c", PROBE, dtype, str(examples), str(micro)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not _hwm_resettable(), reason="VmHWM cannot be reset on this kernel")
+@pytest.mark.skipif(not reset_hwm(), reason="VmHWM cannot be reset on this kernel")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gradient_scoring_peak_is_one_accumulator_per_weight_plus_one_batch(dtype: str):
     result = measure(dtype, examples=8, micro=2)
@@ -114,7 +107,7 @@ def test_micro_batches_sum_to_the_one_batch_gradient():
     targets = find_target_linears(model, None)
     ids = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    loss_fn = lambda m, b: example_losses(m, b, "causal_lm")  # noqa: E731
+    loss_fn = lambda m, b: example_losses(m, b, "causal_lm")
     whole = compute_salience("gradient", SalienceInputs(model, targets, [batch], loss_fn))
     micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 6, 2)]
     parts = compute_salience("gradient", SalienceInputs(model, targets, micro, loss_fn))
