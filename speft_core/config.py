@@ -17,6 +17,7 @@ from .targets import check_target_patterns
 TASKS: tuple[str, ...] = ("classification", "causal_lm")
 MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
 SCOPES: tuple[str, ...] = ("global", "layer")
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 
 Task = Literal["classification", "causal_lm"]
 
@@ -51,6 +52,11 @@ class SpeftConfig:
     scoring_examples: int = field(
         default=1024, metadata={"help": "training examples used to compute salience"}
     )
+    scoring_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "examples per scoring micro-batch (gradients accumulate over them); "
+                          "None = the training batch_size"},
+    )
     update_interval: int = field(
         default=0, metadata={"help": "dynamic mask: optimizer steps between re-selections"}
     )
@@ -83,6 +89,8 @@ class SpeftConfig:
             if not self.target_modules:
                 raise ConfigError("target_modules must not be empty", param="target_modules")
         _check_int_range("scoring_examples", self.scoring_examples, 1, MAX_SCORING_EXAMPLES)
+        if self.scoring_batch_size is not None:
+            _check_int_range("scoring_batch_size", self.scoring_batch_size, 1, MAX_BATCH_SIZE)
         _check_int_range("update_interval", self.update_interval, 0, 10**9)
         if self.mask == "dynamic" and self.update_interval == 0:
             raise ConfigError(
@@ -114,6 +122,17 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     head_learning_rate: float | None = None  # defaults to learning_rate
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the frozen base weights: 'auto' (the checkpoint's or the "
+                          "registered model's), bfloat16, float16 or float32; the trained "
+                          "values and their optimizer state are always float32"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass (less memory, ~1/3 "
+                          "more compute); models that support it only"},
+    )
 
     def __post_init__(self) -> None:
         _check_int_range("n_epochs", self.n_epochs, 1, MAX_EPOCHS)
@@ -127,6 +146,10 @@ class TrainConfig:
         _check_float_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _check_float_range("weight_decay", self.weight_decay, 0.0, 10.0)
         _check_float_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError("gradient_checkpointing must be true or false",
+                              param="gradient_checkpointing")
 
 
 @dataclass(frozen=True)

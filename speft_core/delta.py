@@ -16,6 +16,9 @@ Decisions kept here once:
   always run; `verify=False` skips only the fingerprint, the one costly check.
 - Optional metadata: `mask`, `scope`, and CHAT_TEMPLATE_KEY (the chat template the job rendered
   its conversations with, for serving: speft_core/chat.py); other keys are kept as they are.
+- `values_dtype` (e.g. "float32") names the dtype of every `M.values`; written on save, checked
+  on load where present (files from before it lack it and still load). Trained values are float32
+  whatever the base dtype; applying to a bf16 base adds in float32 and rounds once (above).
 - A file must carry every REQUIRED_METADATA key; an in-memory Delta needs only `base_fingerprint`
   (and only when verified), so a trainer can evaluate a delta before it has full metadata.
 """
@@ -116,6 +119,10 @@ def delta_to_bytes(delta: Delta) -> bytes:
                 f"metadata {key}={metadata[key]!r} but the delta has {key}={value!r}"
             )
     _check_metadata(metadata, delta.nnz)
+    recorded = values_dtype_name(delta)
+    if recorded is not None:
+        metadata.setdefault("values_dtype", recorded)
+    _check_values_dtype(metadata, delta)
     tensors: dict[str, torch.Tensor] = {}
     for name, (indices, values) in delta.modules.items():
         if not name or name.startswith(EXTRA_PREFIX):
@@ -164,7 +171,23 @@ def load_delta(source: str | os.PathLike[str] | bytes | bytearray | memoryview) 
     modules, extras = _split_tensors(tensors)
     delta = Delta(modules=modules, extras=extras, metadata=metadata)
     _check_metadata(metadata, delta.nnz)
+    _check_values_dtype(metadata, delta)
     return delta
+
+
+def values_dtype_name(delta: Delta) -> str | None:
+    """The one dtype of the delta's values ("float32", ...), None when it has no modules."""
+    names = {str(values.dtype).removeprefix("torch.") for _, values in delta.modules.values()}
+    if len(names) > 1:
+        raise DeltaFormatError(f"the values mix dtypes ({', '.join(sorted(names))})")
+    return names.pop() if names else None
+
+
+def _check_values_dtype(metadata: dict[str, str], delta: Delta) -> None:
+    recorded = metadata.get("values_dtype")
+    actual = values_dtype_name(delta)
+    if recorded is not None and actual is not None and recorded != actual:
+        raise DeltaFormatError(f"metadata values_dtype={recorded!r} but the values are {actual}")
 
 
 def verify_delta(model: nn.Module, delta: Delta, *, check_fingerprint: bool = True) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import ModelLoadError
@@ -19,6 +20,7 @@ class ModelSource:
     name: str
     path: Path
     task: str
+    dtype: str = "auto"  # the dtype its weights load in when a job says "auto"
 
 
 def bundled_minilm_path() -> Path:
@@ -82,20 +84,31 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(path: Path, task: str, *, labels: Sequence[str] | None = None) -> nn.Module:
-    """Load weights for `task`: a sequence classifier with a new head over `labels`, or a causal LM."""
+def torch_dtype(name: str) -> torch.dtype | str:
+    """A config dtype name ('auto', 'bfloat16', 'float16', 'float32') as HF's `dtype` argument."""
+    return name if name == "auto" else getattr(torch, name)
+
+
+def load_model(path: Path, task: str, *, labels: Sequence[str] | None = None,
+               dtype: str = "auto") -> nn.Module:
+    """Load weights for `task`: a sequence classifier with a new head over `labels`, or a causal LM.
+
+    `dtype` is the weights' dtype: 'auto' keeps the checkpoint's (a bf16 checkpoint stays bf16),
+    else bfloat16, float16 or float32.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    kwargs = {"local_files_only": True, "dtype": torch_dtype(dtype)}
     try:
         with _quiet_transformers():
             if task == "classification":
                 if not labels:
                     raise ModelLoadError("a classification model needs its label set", param="labels")
                 return AutoModelForSequenceClassification.from_pretrained(
-                    str(path), local_files_only=True, num_labels=len(labels),
+                    str(path), **kwargs, num_labels=len(labels),
                     id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
                 )
-            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
         if isinstance(err, ModelLoadError):
             raise

@@ -7,8 +7,15 @@ weight and `Σg` is the gradient of the per-example losses summed over all scori
 Metrics that need data run the model in eval mode (so dropout does not make the scores
 random). They take gradients only with respect to the target weights, through
 `torch.autograd.grad`, so no parameter's `.grad` is touched. Afterwards each module's
-train/eval flag and each target's `requires_grad` flag is put back. Scores are float32
-tensors with the weight's shape, on the weight's device.
+train/eval flag and each target's `requires_grad` flag is put back. Scores are tensors with the
+weight's shape, on the weight's device: float32, except that gradient, snip, taylor and force
+score in the weight's dtype (their Σg accumulator, reused in place).
+
+Memory (gradient, snip, taylor, force): scoring holds one Σg accumulator per targeted weight in
+the weight's dtype (`.grad`, accumulated in place batch by batch) plus one micro-batch's
+activations and their gradients, plus the one layer gradient being added; `scoring_batch_size`
+sets the micro-batch. tests/core/test_scoring_memory.py measures it. fisher, grasp and synflow
+hold more (float32 totals, per-example chunks, a double-backward graph).
 """
 from __future__ import annotations
 
@@ -57,7 +64,7 @@ def register(name: str) -> Callable[[ScoreFn], ScoreFn]:
 
 
 def compute_salience(metric: str, inputs: SalienceInputs) -> dict[str, torch.Tensor]:
-    """Score every target weight with `metric`: {name: float32 tensor shaped like the weight}."""
+    """Score every target weight with `metric`: {name: float tensor shaped like the weight}."""
     score_fn = METRICS.get(metric)
     if score_fn is None:
         raise UnknownMetricError(
@@ -77,7 +84,7 @@ def gradient_scores(inputs: SalienceInputs) -> dict[str, torch.Tensor]:
     """|Σg|: the signed gradient is summed over all examples first, then its magnitude taken."""
     with _scoring_mode(inputs) as weights:
         grads = _summed_gradients(inputs, weights)
-    return _named(inputs, [g.abs() for g in grads])
+    return _named(inputs, [g.abs_() for g in grads])
 
 
 @register("magnitude")
@@ -90,21 +97,21 @@ def magnitude_scores(inputs: SalienceInputs) -> dict[str, torch.Tensor]:
 def snip_scores(inputs: SalienceInputs) -> dict[str, torch.Tensor]:
     """|w·Σg| (SNIP connection sensitivity)."""
     products = _weight_gradient_products(inputs)
-    return _named(inputs, [p.abs() for p in products])
+    return _named(inputs, [p.abs_() for p in products])
 
 
 @register("taylor")
 def taylor_scores(inputs: SalienceInputs) -> dict[str, torch.Tensor]:
     """(w·Σg)², the squared first-order Taylor term."""
     products = _weight_gradient_products(inputs)
-    return _named(inputs, [p.square() for p in products])
+    return _named(inputs, [p.square_() for p in products])
 
 
 @register("force")
 def force_scores(inputs: SalienceInputs) -> dict[str, torch.Tensor]:
     """−w·Σg: the first-order change in loss if the weight were set to zero."""
     products = _weight_gradient_products(inputs)
-    return _named(inputs, [-p for p in products])
+    return _named(inputs, [p.neg_() for p in products])
 
 
 @register("fisher")
@@ -212,23 +219,41 @@ def _weight_values(inputs: SalienceInputs) -> list[torch.Tensor]:
 
 
 def _named(inputs: SalienceInputs, scores: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: score.detach().float() for name, score in zip(inputs.targets, scores)}
+    """Scores by target name; floating scores keep their dtype (no float32 copy of bf16 ones)."""
+    return {name: score.detach() if score.is_floating_point() else score.detach().float()
+            for name, score in zip(inputs.targets, scores)}
 
 
 def _summed_gradients(inputs: SalienceInputs, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Σg over all scoring batches, accumulated in float32."""
-    totals = _zeros_like(weights)
-    for batch in _scoring_batches(inputs):
-        for total, grad in zip(totals, _grads(_example_losses(inputs, batch).sum(), weights)):
-            total.add_(grad.float())
-    return totals
+    """Σg over all scoring batches (micro-batches), one accumulator per weight in its dtype.
+
+    Memory bound: the backward pass accumulates into each weight's `.grad` (stolen on the
+    first batch, added in place after), so besides one batch's activations and their
+    gradients the pass holds one accumulator per target in the weight's dtype, plus the one
+    layer gradient being added at that moment. Never a second full set of gradients, never a
+    float32 copy of a bf16 model. Any `.grad` a caller had on the targets is put back.
+    """
+    saved = [weight.grad for weight in weights]
+    try:
+        for weight in weights:
+            weight.grad = None
+        for batch in _scoring_batches(inputs):
+            loss = _example_losses(inputs, batch).sum()
+            if loss.requires_grad:
+                torch.autograd.backward(loss, inputs=weights)
+            del loss
+        return [weight.grad if weight.grad is not None else torch.zeros_like(weight)
+                for weight in weights]
+    finally:
+        for weight, grad in zip(weights, saved):
+            weight.grad = grad
 
 
 def _weight_gradient_products(inputs: SalienceInputs) -> list[torch.Tensor]:
-    """w·Σg for each target."""
+    """w·Σg for each target, computed in place in the gradient accumulators."""
     with _scoring_mode(inputs) as weights:
         grads = _summed_gradients(inputs, weights)
-    return [w * g for w, g in zip(_weight_values(inputs), grads)]
+        return [g.mul_(w.detach()) for w, g in zip(weights, grads)]
 
 
 def _hessian_gradient_products(

@@ -9,6 +9,9 @@ How it stays cheap:
   gradient of the k values only, by a sampled dense-dense product (`kernels.sampled_grad`):
   never a dense dW. The optimizer sees only `values` (k,).
 - Reverting writes `original` back with index_put: the base is restored bit for bit.
+- The base may be bf16/fp16; `values` (and so AdamW's state) are always float32
+  (`VALUES_DTYPE`), and each patch is `added_entries(original, values)`: summed in float32,
+  rounded once to the weight dtype. Small steps are never lost to bf16 rounding of the values.
 """
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import index_dtype
+from .delta import added_entries, index_dtype
 from .kernels import SparsePattern, sampled_grad
+
+VALUES_DTYPE = torch.float32
+"""The dtype of the trained values, whatever the base weight's dtype."""
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -40,7 +46,7 @@ class SparseDeltaFunction(torch.autograd.Function):
             grad_x = grad_2d.mm(weight.to(grad_2d.dtype)).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[3]:
             x_2d = x.reshape(-1, x.shape[-1])
-            grad_values = sampled_grad(grad_2d, x_2d, ctx.pattern).to(weight.dtype)
+            grad_values = sampled_grad(grad_2d, x_2d, ctx.pattern).to(VALUES_DTYPE)
         return grad_x, None, None, grad_values, None
 
 
@@ -58,7 +64,7 @@ class SparseDeltaLinear(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
         weight = base.weight
-        self.values = nn.Parameter(torch.zeros(0, dtype=weight.dtype, device=weight.device))
+        self.values = nn.Parameter(torch.zeros(0, dtype=VALUES_DTYPE, device=weight.device))
         self.register_buffer("indices", torch.zeros(0, dtype=index_dtype(weight.numel())))
         self.register_buffer("original", torch.zeros(0, dtype=weight.dtype, device=weight.device))
         self.pattern: SparsePattern
@@ -83,8 +89,8 @@ class SparseDeltaLinear(nn.Module):
                 weight.view(-1).index_put_((self.indices.long(),), self.original)
             self.indices = indices
             self.original = weight.view(-1)[indices.long()].clone()
-            new_values = (torch.zeros_like(self.original) if values is None
-                          else values.detach().to(self.original))
+            new_values = (torch.zeros_like(self.original, dtype=VALUES_DTYPE) if values is None
+                          else values.detach().to(device=weight.device, dtype=VALUES_DTYPE))
             if new_values.shape != self.original.shape:
                 raise ValueError(f"{new_values.numel()} values for {indices.numel()} indices")
             self.values.data = new_values
@@ -99,7 +105,8 @@ class SparseDeltaLinear(nn.Module):
             return
         with torch.no_grad():
             self.base.weight.view(-1).index_put_(
-                (self.indices.long(),), self.original + self.values.to(self.original.dtype)
+                (self.indices.long(),),
+                added_entries(self.original, self.values, self.original.dtype),
             )
         self._synced_version = self.values._version
 

@@ -123,7 +123,8 @@ class _Trainer:
         order = torch.randperm(len(self.train_features),
                                generator=torch.Generator().manual_seed(seed))[:count].tolist()
         chosen = [self.train_features[i] for i in order]
-        return list(self._batches(chosen, shuffle=False, seed=seed))
+        size = self.speft.scoring_batch_size or self.hyper.batch_size
+        return list(self._batches(chosen, shuffle=False, seed=seed, size=size))
 
     def _eval(self) -> dict[str, float]:
         if not self.eval_features:
@@ -266,6 +267,32 @@ def _move_layer_mask(layer: SparseDeltaLinear, update: MaskUpdate,
             state[key] = moved
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing (non-reentrant, so frozen inputs need no grad) for the block."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing",
+                          param="hyperparameters.gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
 def train_sparse(
     model: nn.Module,
     *,
@@ -302,7 +329,8 @@ def train_sparse(
     if base_eval:
         callbacks.event("base model evaluated", **base_eval)
     try:
-        steps, mask_updates, final_eval = trainer.run()
+        with gradient_checkpointing(model, hyper.gradient_checkpointing):
+            steps, mask_updates, final_eval = trainer.run()
     finally:
         modules = remove_sparse_deltas(model)  # restores the base weights bit for bit
     extras = {}
@@ -317,6 +345,7 @@ def train_sparse(
             "metric": speft.metric, "density": str(speft.density), "nnz": str(nnz), "task": task,
             "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
             **({CHAT_TEMPLATE_KEY: chat_template} if chat_template is not None else {}),
+            "base_dtype": ",".join(sorted({_dtype_name(t.weight.dtype) for t in targets.values()})),
         },
     )
     return TrainResult(delta=delta, eval=final_eval, base_eval=base_eval,
@@ -373,7 +402,8 @@ def fine_tune(
                                  "classifier needs at least two", param="training_file")
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     torch.manual_seed(hyper.seed)  # a new classification head is drawn here: same seed, same head
-    model = load_model(source.path, spec.task, labels=labels)
+    dtype = hyper.dtype if hyper.dtype != "auto" else source.dtype
+    model = load_model(source.path, spec.task, labels=labels, dtype=dtype)
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and hyper.max_length > positions:
         raise ConfigError(f"max_length {hyper.max_length} is beyond the {positions} positions "

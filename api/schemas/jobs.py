@@ -23,6 +23,7 @@ from api.schemas.common import (
     number_range,
 )
 from speft_core.config import (
+    DTYPES,
     MASK_KINDS,
     MAX_BATCH_SIZE,
     MAX_EPOCHS,
@@ -56,6 +57,7 @@ SpeftSettings = documented(SpeftConfig, {
                                   "items": {"type": "string", "minLength": 1}},
                                  {"type": "null"}]},
     "scoring_examples": int_range(1, MAX_SCORING_EXAMPLES),
+    "scoring_batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), {"type": "null"}]},
     "update_interval": int_range(0, 10**9),
     "update_fraction": number_range(0.0, 1.0, low_open=True),
 }, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
@@ -72,6 +74,7 @@ TrainSettings = documented(TrainConfig, {
     "max_grad_norm": number_range(0.0, 1e6),
     "gradient_accumulation_steps": int_range(1, 1024),
     "head_learning_rate": {"anyOf": [_LEARNING_RATE, {"type": "null"}]},
+    "dtype": {"type": "string", "enum": list(DTYPES)},
 })
 
 

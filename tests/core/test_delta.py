@@ -128,7 +128,8 @@ def test_save_load_round_trip_is_exact(model: nn.Module, tmp_path: Path) -> None
         assert got_values.dtype == values.dtype and torch.equal(got_values, values)
     assert set(loaded.extras) == set(delta.extras)
     assert all(torch.equal(loaded.extras[k], v) for k, v in delta.extras.items())
-    assert loaded.metadata == {**delta.metadata, "format": FORMAT, "nnz": str(delta.nnz)}
+    assert loaded.metadata == {**delta.metadata, "format": FORMAT, "nnz": str(delta.nnz),
+                               "values_dtype": "float32"}
     assert loaded.labels == LABELS and loaded.nnz == delta.nnz == 20 * len(delta.modules)
     assert load_delta(path.read_bytes()).metadata == loaded.metadata
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors"]  # no temp file left
@@ -192,6 +193,34 @@ def test_revert_is_exact_in_bfloat16(model: nn.Module) -> None:
     apply_delta(model, delta)
     revert_delta(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_values_dtype_is_recorded_checked_and_optional(model: nn.Module) -> None:
+    delta = make_delta(model)
+    assert load_delta(delta_to_bytes(delta)).metadata["values_dtype"] == "float32"
+    lying = Delta(delta.modules, delta.extras, {**delta.metadata, "values_dtype": "bfloat16"})
+    with pytest.raises(DeltaFormatError, match="values_dtype='bfloat16' but the values are float32"):
+        delta_to_bytes(lying)
+    tensors = {f"{n}.indices": i for n, (i, _) in delta.modules.items()}
+    tensors |= {f"{n}.values": v for n, (_, v) in delta.modules.items()}
+    tensors |= {f"extra.{n}": t for n, t in delta.extras.items()}
+    old = {**delta.metadata, "format": FORMAT, "nnz": str(delta.nnz)}  # a file from before
+    assert "values_dtype" not in load_delta(safetensors_save(tensors, metadata=old)).metadata
+    with pytest.raises(DeltaFormatError, match="values_dtype"):
+        load_delta(safetensors_save(tensors, metadata={**old, "values_dtype": "float16"}))
+
+
+def test_float32_values_on_a_bfloat16_base_add_in_float32_and_round_once(
+    model: nn.Module,
+) -> None:
+    model = model.to(torch.bfloat16)
+    delta = make_delta(model)  # float32 values, as training writes them
+    name, (indices, values) = next(iter(delta.modules.items()))
+    weight = model.get_submodule(name).weight
+    expected = (weight.detach().view(-1)[indices.long()].float() + values).to(torch.bfloat16)
+    merge_delta(model, delta)
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight.detach().view(-1)[indices.long()], expected)
 
 
 def test_second_apply_merge_and_empty_revert_are_refused(model: nn.Module) -> None:
