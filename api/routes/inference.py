@@ -95,7 +95,7 @@ async def create_completion(body: CompletionCreate, request: Request, session: S
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                             top_p=body.top_p, stop=body.stop_strings(), seed=body.seed)
     prompt_ids = await run_in_threadpool(engine.prompt_ids, body.prompt)
-    completion_id, created = new_id("cmpl"), int(time.time())
+    completion_id, created = new_id("cmpl"), time.time()
 
     def response(text: str, finish: str | None, usage: CompletionUsage | None) -> CompletionResponse:
         return CompletionResponse(
@@ -152,7 +152,7 @@ def list_loaded_adapters(request: Request, session: SessionDep,
     return LoadedAdapterList(
         data=[LoadedAdapter(id=entry.key, model=model, bytes=entry.nbytes, pinned=entry.pinned,
                             hits=entry.hits, load_ms=round(entry.load_seconds * 1000, 3),
-                            loaded_at=int(entry.loaded_at), last_used_at=int(entry.last_used))
+                            loaded_at=entry.loaded_at, last_used_at=entry.last_used)
               for model, entry in resident if entry.key in own],
         resident_bytes=sum(e.cache.resident_bytes for e in loaded_engines),
         budget_bytes=sum(e.cache.budget_bytes for e in loaded_engines))

@@ -24,8 +24,11 @@ class PublicModel(BaseModel):
 
 
 def unix_seconds(value: Any) -> Any:
-    """A datetime as whole seconds since the epoch; anything else as given (validated as int)."""
-    return int(value.timestamp()) if isinstance(value, datetime) else value
+    """A datetime, or a float of epoch seconds (`time.time()`), as whole seconds since the epoch;
+    anything else as given (validated as int)."""
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    return int(value) if isinstance(value, float) else value
 
 
 # The one place a stored timestamp becomes the API's integer seconds.

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from api.errors import InvalidRequest
-from api.schemas.common import StrictModel
+from api.schemas.common import StrictModel, UnixTime
 
 MAX_CLASSIFICATION_INPUTS = 256
 MAX_STOP_STRINGS = 4
@@ -117,7 +117,7 @@ class CompletionResponse(BaseModel):
 
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
+    created: UnixTime
     model: str
     adapter: AdapterChoice
     choices: list[CompletionChoice]
@@ -133,8 +133,8 @@ class LoadedAdapter(BaseModel):
     pinned: bool
     hits: int
     load_ms: float
-    loaded_at: int
-    last_used_at: int
+    loaded_at: UnixTime
+    last_used_at: UnixTime
 
 
 class LoadedAdapterList(BaseModel):
