@@ -1,24 +1,33 @@
-"""Inference with an adapter chosen per request: `/v1/classifications`, `/v1/completions`
-(SSE when streaming), and `GET /v1/adapters/loaded` (what this process holds in memory)."""
+"""Inference with an adapter chosen per request: `/v1/classifications`, `/v1/completions` and
+`/v1/chat/completions` (SSE when streaming; both through `_generate`), and
+`GET /v1/adapters/loaded` (what this process holds in memory)."""
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.core.models import Adapter, Tenant, new_id
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_body, error_responses
 from api.schemas.inference import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionCreate,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
     ClassificationCreate,
     ClassificationResponse,
     ClassificationResult,
@@ -33,6 +42,7 @@ from api.services import stored_objects
 from api.services.inference import (
     InferenceEngines,
     PreparedInference,
+    chat_prompt_ids,
     check_input_chars,
     prepare_inference,
 )
@@ -50,7 +60,8 @@ def _engines(request: Request) -> InferenceEngines:
 
 
 async def _prepare(request: Request, session: Session, storage: Any, tenant: Tenant,
-                   body: ClassificationCreate | CompletionCreate, task: str) -> PreparedInference:
+                   body: ClassificationCreate | CompletionCreate | ChatCompletionCreate,
+                   task: str) -> PreparedInference:
     """Resolve model and adapters off the event loop (database, storage, cold loads), then
     release the session's connection: the request awaits the model without holding one."""
 
@@ -91,10 +102,7 @@ async def create_completion(body: CompletionCreate, request: Request, session: S
     check_input_chars([body.prompt], limit=_engines(request).settings.inference_max_input_chars,
                       param="prompt")
     prepared = await _prepare(request, session, storage, tenant, body, "causal_lm")
-    engine = prepared.engine
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, stop=body.stop_strings(), seed=body.seed)
-    prompt_ids = await run_in_threadpool(engine.prompt_ids, body.prompt)
+    prompt_ids = await run_in_threadpool(prepared.engine.prompt_ids, body.prompt)
     completion_id, created = new_id("cmpl"), time.time()
 
     def response(text: str, finish: str | None, usage: CompletionUsage | None) -> CompletionResponse:
@@ -102,19 +110,70 @@ async def create_completion(body: CompletionCreate, request: Request, session: S
             id=completion_id, created=created, model=body.model, adapter=body.adapter,
             choices=[CompletionChoice(text=text, finish_reason=finish)], usage=usage)
 
+    return await _generate(
+        prepared, prompt_ids, body,
+        answer=lambda r: response(r.text, r.finish_reason, _usage(r)),
+        piece=lambda text: response(text, None, None),
+        last=lambda r: response("", r.finish_reason, _usage(r)))
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}},
+                        **error_responses(404)})
+async def create_chat_completion(body: ChatCompletionCreate, request: Request,
+                                 session: SessionDep, storage: StorageDep,
+                                 tenant: TenantDep) -> Any:
+    """The assistant's next message; with `stream`, `chat.completion.chunk` server-sent events
+    (the role first, then the content as it grows, then the finish reason and usage)."""
+    check_input_chars(["".join(m.content for m in body.messages)],
+                      limit=_engines(request).settings.inference_max_input_chars,
+                      param="messages")
+    prepared = await _prepare(request, session, storage, tenant, body, "causal_lm")
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt_ids = await run_in_threadpool(chat_prompt_ids, prepared, messages)
+    completion_id, created = new_id("chatcmpl"), time.time()
+
+    def chunk(delta: ChatDelta, finish: str | None = None,
+              usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=completion_id, created=created, model=body.model, adapter=body.adapter,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], usage=usage)
+
+    return await _generate(
+        prepared, prompt_ids, body,
+        answer=lambda r: ChatCompletionResponse(
+            id=completion_id, created=created, model=body.model, adapter=body.adapter,
+            choices=[ChatChoice(message=ChatMessageOut(content=r.text),
+                                finish_reason=r.finish_reason)], usage=_usage(r)),
+        piece=lambda text: chunk(ChatDelta(content=text)),
+        last=lambda r: chunk(ChatDelta(), r.finish_reason, _usage(r)),
+        first=chunk(ChatDelta(role="assistant", content="")))
+
+
+async def _generate(prepared: PreparedInference, prompt_ids: list[int],
+                    body: CompletionCreate | ChatCompletionCreate, *,
+                    answer: Callable[[Completion], BaseModel], piece: Callable[[str], BaseModel],
+                    last: Callable[[Completion], BaseModel],
+                    first: BaseModel | None = None) -> Any:
+    """Run one generation: `answer(result)` when not streaming; else server-sent events:
+    `first` (if any), `piece(text)` per new piece, then `last(result)` (or the error) and
+    `[DONE]`. A client that stops reading stops its row at the next piece."""
+    engine = prepared.engine
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, stop=body.stop_strings(), seed=body.seed)
     if not body.stream:
         result: Completion = await asyncio.wrap_future(
             engine.complete(prepared.adapter, prompt_ids, params))
-        return response(result.text, result.finish_reason, _usage(result))
+        return answer(result)
 
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
-    gone = threading.Event()  # the client stopped reading: its row stops at the next piece
+    gone = threading.Event()
 
-    def on_text(piece: str) -> bool:
+    def on_text(text: str) -> bool:
         if gone.is_set():
             return False
-        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
         return True
 
     future: Future = engine.complete(prepared.adapter, prompt_ids, params, on_text=on_text)
@@ -122,14 +181,15 @@ async def create_completion(body: CompletionCreate, request: Request, session: S
 
     async def events() -> AsyncIterator[str]:
         try:
-            while (piece := await pieces.get()) is not _DONE:
-                yield _sse(response(piece, None, None).model_dump())
+            if first is not None:
+                yield _sse(first.model_dump())
+            while (text := await pieces.get()) is not _DONE:
+                yield _sse(piece(text).model_dump())
         finally:
             gone.set()
         error = future.exception()
         if error is None:
-            result = future.result()
-            yield _sse(response("", result.finish_reason, _usage(result)).model_dump())
+            yield _sse(last(future.result()).model_dump())
         else:
             code, param = (error.code, error.param) if isinstance(error, SpeftError) else (
                 "internal_error", None)

@@ -1,4 +1,4 @@
-"""Inference schemas: classification and completion requests and answers, resident adapters."""
+"""Inference schemas: classification, completion and chat requests and answers, resident adapters."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -14,6 +14,7 @@ MAX_STOP_LENGTH = 256
 MAX_SEED = 2**32 - 1  # as the training seed; larger integers lose precision in JSON clients
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 MAX_COMPOSED_ADAPTERS = 8
+MAX_CHAT_MESSAGES = 256
 
 
 class AdapterWeight(StrictModel):
@@ -76,11 +77,9 @@ class ClassificationResponse(BaseModel):
     data: list[ClassificationResult]
 
 
-class CompletionCreate(_InferenceRequest):
-    """POST /v1/completions: continue a prompt with a causal LM (SSE when `stream`)."""
+class _GenerationRequest(_InferenceRequest):
+    """The sampling fields that `/v1/completions` and `/v1/chat/completions` share."""
 
-    prompt: str = Field(description="At most SPEFT_INFERENCE_MAX_INPUT_CHARS characters "
-                                    "(100,000 by default; 400 beyond)")
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -94,6 +93,29 @@ class CompletionCreate(_InferenceRequest):
         """The stop strings as a tuple (empty strings dropped)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in stops if s)
+
+
+class CompletionCreate(_GenerationRequest):
+    """POST /v1/completions: continue a prompt with a causal LM (SSE when `stream`)."""
+
+    prompt: str = Field(description="At most SPEFT_INFERENCE_MAX_INPUT_CHARS characters "
+                                    "(100,000 by default; 400 beyond)")
+
+
+class ChatMessageIn(StrictModel):
+    """One message of a chat request."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionCreate(_GenerationRequest):
+    """POST /v1/chat/completions: the assistant's next message (SSE chunks when `stream`)."""
+
+    messages: list[ChatMessageIn] = Field(
+        min_length=1, max_length=MAX_CHAT_MESSAGES,
+        description=f"1 to {MAX_CHAT_MESSAGES} messages, their contents together at most "
+                    "SPEFT_INFERENCE_MAX_INPUT_CHARS characters (400 beyond)")
 
 
 class CompletionChoice(BaseModel):
@@ -121,6 +143,60 @@ class CompletionResponse(BaseModel):
     model: str
     adapter: AdapterChoice
     choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    """The assistant's message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    """The assistant's message and why it ended (`stop` or `length`)."""
+
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A chat completion, in OpenAI's shape (plus the adapter choice)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: UnixTime
+    model: str
+    adapter: AdapterChoice
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChatDelta(BaseModel):
+    """What a streamed chunk adds to the message: the role (first chunk), then content."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One streamed piece; the last chunk has an empty delta and the finish reason."""
+
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `chat.completion.chunk` server-sent event; the last carries `usage`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: UnixTime
+    model: str
+    adapter: AdapterChoice
+    choices: list[ChatChunkChoice]
     usage: CompletionUsage | None = None
 
 

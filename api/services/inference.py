@@ -1,7 +1,8 @@
 """Inference: one serving engine per base model in this process, adapters resolved per tenant.
 
-A request names a base model and an adapter choice (an id, several ids with weights, or none).
-`prepare_inference` checks them against the database (the tenant's live adapters, trained on
+A request names a base model and an adapter choice (an id, several ids with weights, or none);
+`model` may instead name one of the tenant's adapters (as OpenAI's `ft:` models do), which
+stands for its base model with that adapter. `prepare_inference` checks them against the database (the tenant's live adapters, trained on
 that model), then loads each adapter through the engine's cache (verified on first use) and
 composes several into one. The engine batches and runs the request.
 """
@@ -21,7 +22,8 @@ from api.core.models import Adapter, RegisteredModel
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from api.services import models, stored_objects
-from speft_core.errors import DeltaFormatError, DeltaMismatchError
+from speft_core.chat import render_chat
+from speft_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError
 from speft_core.models import resolve_model
 from speft_core.serving import (
     AdapterTooLargeError,
@@ -43,10 +45,12 @@ class AdapterUnservable(ApiError):
 
 @dataclass(frozen=True)
 class PreparedInference:
-    """What a request runs on: the model's engine and its (composed) adapter, or None."""
+    """What a request runs on: the model's engine and its (composed) adapter, or None, and the
+    chat template the (first) adapter was trained with, if it recorded one."""
 
     engine: ServingEngine
     adapter: ServingAdapter | None
+    chat_template: str | None = None
 
 
 class InferenceEngines:
@@ -107,7 +111,8 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
                       tenant_id: str, model_id: str, parts: Sequence[tuple[str, float]],
                       task: str) -> PreparedInference:
     """Check the model and the tenant's adapters, then load (or find resident) and compose them."""
-    model = models.get_model(session, model_id=model_id)
+    model, parts = _model_and_parts(session, tenant_id=tenant_id, model_id=model_id,
+                                    parts=parts)
     if model.task != task:
         endpoint = "/v1/classifications" if model.task == "classification" else "/v1/completions"
         raise InvalidRequest(f"model {model_id!r} is a {model.task} model: use {endpoint}",
@@ -118,18 +123,51 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
         row = rows.get(adapter_id)
         if row is None:
             raise NotFound(f"no such adapter: {adapter_id}", param="adapter")
-        if row.base_model != model_id:
+        if row.base_model != model.id:
             raise InvalidRequest(f"adapter {adapter_id} was trained on {row.base_model!r}, "
-                                 f"not {model_id!r}", param="adapter")
+                                 f"not {model.id!r}", param="adapter")
     engine = engines.engine(session, model)
     session.commit()  # end the read transaction before any slow load
     loaded = [(load_adapter(engine, storage, rows[adapter_id]), weight)
               for adapter_id, weight in parts]
     if not loaded:
         return PreparedInference(engine, None)
+    template = loaded[0][0].metadata.get("chat_template") or None
     if len(loaded) == 1 and loaded[0][1] == 1.0:
-        return PreparedInference(engine, loaded[0][0])
-    return PreparedInference(engine, engine.compose(loaded))
+        return PreparedInference(engine, loaded[0][0], template)
+    return PreparedInference(engine, engine.compose(loaded), template)
+
+
+def _model_and_parts(session: Session, *, tenant_id: str, model_id: str,
+                     parts: Sequence[tuple[str, float]],
+                     ) -> tuple[RegisteredModel, Sequence[tuple[str, float]]]:
+    """The base model a request runs on and its adapter parts: `model` is a registered model,
+    or one of the tenant's live adapters (then `adapter` must be left null)."""
+    model = session.get(RegisteredModel, model_id)
+    if model is not None:
+        return model, parts
+    named = stored_objects.live_by_id(session, Adapter, tenant_id=tenant_id,
+                                      object_ids=[model_id]).get(model_id)
+    if named is None:
+        raise NotFound(f"no such model: {model_id}", param="model")
+    if parts:
+        raise InvalidRequest(f"model names adapter {model_id}: leave adapter null, or name the "
+                             "base model in model", param="adapter")
+    return models.get_model(session, model_id=named.base_model), [(model_id, 1.0)]
+
+
+def chat_prompt_ids(prepared: PreparedInference, messages: Sequence[dict[str, str]]) -> list[int]:
+    """A conversation as the model reads it, ending in the assistant's generation prompt: the
+    template is the adapter's recorded one, else the tokenizer's own, else the default
+    (`speft_core.chat`). ConfigError naming `messages` when it leaves no room to generate."""
+    engine = prepared.engine
+    ids = render_chat(engine.tokenizer, messages, template=prepared.chat_template,
+                      add_generation_prompt=True).input_ids
+    if len(ids) >= engine.max_positions:
+        raise ConfigError(f"the conversation has {len(ids)} tokens: no room to generate "
+                          f"within the model's {engine.max_positions} positions",
+                          param="messages")
+    return ids
 
 
 def check_input_chars(texts: Sequence[str], *, limit: int, param: str,
