@@ -160,6 +160,8 @@ def collection_requests(ids: dict[str, str]) -> dict[tuple[str, str], dict[str, 
                                                    "adapter": ids["adapter_id"]}},
         ("post", "/v1/completions"): {"json": {"model": CAUSAL_MODEL, "prompt": "hi",
                                                "adapter": ids["adapter_id"]}},
+        ("post", "/v1/chat/completions"): {"json": {  # `model` may name the adapter itself
+            "model": ids["adapter_id"], "messages": [{"role": "user", "content": "hi"}]}},
     }
 
 
