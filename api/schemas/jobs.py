@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, StringConstraints
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+)
 
 from api.core.config import Device
 from api.schemas.common import (
@@ -158,6 +165,23 @@ class JobObject(PublicModel):
     # read from `Job.spec_metadata` (an ORM class's `metadata` is SQLAlchemy's own)
     metadata: dict[str, str] = Field(default_factory=dict,
                                      validation_alias=AliasChoices("spec_metadata", "metadata"))
+    # OpenAI's job fields, so that its SDK reads a job unchanged
+    organization_id: str = Field(validation_alias=AliasChoices("tenant_id", "organization_id"),
+                                 description="The owning tenant")
+    result_files: list[str] = Field(default_factory=list, description="Always empty")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fine_tuned_model(self) -> str | None:
+        """The adapter id once the job succeeded (usable as `model` in inference), else null."""
+        return self.adapter_id
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def seed(self) -> int | None:
+        """The training seed (`hyperparameters.seed`)."""
+        seed = self.hyperparameters.get("seed")
+        return seed if isinstance(seed, int) else None
 
 
 class JobList(BaseModel):
@@ -171,6 +195,7 @@ class JobList(BaseModel):
 class JobEvent(PublicModel):
     """Something that happened to a job."""
 
+    id: str = Field(description="ftevent-<number>, in the order the events happened")
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     level: Literal["info", "warning", "error"]
     type: str
@@ -178,12 +203,18 @@ class JobEvent(PublicModel):
     data: dict[str, Any] | None = None
     created_at: UnixTime
 
+    @field_validator("id", mode="before")
+    @classmethod
+    def _event_id(cls, value: Any) -> Any:
+        return f"ftevent-{value}" if isinstance(value, int) else value
+
 
 class JobEventList(BaseModel):
-    """A job's events, oldest first."""
+    """A job's events, oldest first (all of them: `has_more` is always false)."""
 
     object: Literal["list"] = "list"
     data: list[JobEvent]
+    has_more: bool = False
 
 
 class JobMetric(BaseModel):

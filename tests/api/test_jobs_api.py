@@ -248,7 +248,7 @@ def test_events_oldest_first_and_metrics_merged_by_step(client, body):
     assert [e["message"] for e in events["data"]] == [
         "job created", "job queued", "job started", "evaluation at step 2"]
     first = events["data"][0]
-    assert set(first) == {"object", "level", "type", "message", "data", "created_at"}
+    assert set(first) == {"id", "object", "level", "type", "message", "data", "created_at"}
     assert (first["type"], first["level"], first["data"]) == (
         "status", "info", {"status": "validating_files"})
     assert events["data"][-1]["data"] == {"step": 2, "eval_loss": 0.4, "eval_accuracy": 0.75}

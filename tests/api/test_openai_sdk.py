@@ -1,6 +1,8 @@
 """The official `openai` Python SDK, unchanged, against a real `speft serve` process (open mode,
-tmp SQLite and storage): `completions.create`, `chat.completions.create` (also streaming), with
-`model` naming the base model or the adapter itself. Answers equal the in-process reference."""
+tmp SQLite and storage, no worker): `completions.create`, `chat.completions.create` (also
+streaming), with `model` naming the base model or the adapter itself (answers equal the
+in-process reference), and the fine-tuning side: `files.create`, `fine_tuning.jobs.create`,
+`retrieve`, `list`, `cancel`, `list_events`."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -27,17 +29,18 @@ MAX_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory,
-           stories_dir: Path) -> Iterator[tuple[openai.OpenAI, TestClient, str]]:
+           stories_dir: Path) -> Iterator[tuple[openai.OpenAI, TestClient, str, str]]:
     """(SDK client on a real server, an in-process client on the same database and storage,
-    the adapter id): the adapter is stored as a finished job leaves it, then `speft serve` runs."""
+    the adapter id, its job's id): the adapter is stored as a finished job leaves it, then
+    `speft serve` runs."""
     tmp = tmp_path_factory.mktemp("openai-sdk")
     database, storage = f"sqlite:///{tmp / 'speft.db'}", f"file://{tmp / 'storage'}"
     delta: Delta = random_delta(load_model(stories_dir, "causal_lm"), density=0.05, seed=1,
                                 base_model="stories-260k", scale=0.5)
     with ExitStack() as stack:
         local = start_client(stack, tmp)  # open mode: the default tenant, as the server's
-        adapter_id = make_adapter(local, content=delta_to_bytes(delta), model="stories-260k",
-                                  training=CAUSAL_LM)[1]
+        job_id, adapter_id = make_adapter(local, content=delta_to_bytes(delta),
+                                          model="stories-260k", training=CAUSAL_LM)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         env = service_env(SPEFT_DATABASE_URL=database, SPEFT_STORAGE_URL=storage,
@@ -49,7 +52,7 @@ def served(tmp_path_factory: pytest.TempPathFactory,
         wait_ready(url, [process], lambda: log_path.read_text(errors="replace"))
         sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0,
                             timeout=60)
-        yield sdk, local, adapter_id
+        yield sdk, local, adapter_id, job_id
 
 
 def reference(local: TestClient, path: str, body: dict) -> dict:
@@ -60,7 +63,7 @@ def reference(local: TestClient, path: str, body: dict) -> dict:
 
 
 def test_chat_completions_create_with_the_adapter_as_model(served):
-    sdk, local, adapter_id = served
+    sdk, local, adapter_id, _ = served
     want = reference(local, "/v1/chat/completions", {"model": "stories-260k",
                                                      "adapter": adapter_id,
                                                      "messages": MESSAGES})
@@ -75,7 +78,7 @@ def test_chat_completions_create_with_the_adapter_as_model(served):
 
 
 def test_chat_completions_stream_through_the_sdk(served):
-    sdk, local, adapter_id = served
+    sdk, local, adapter_id, _ = served
     want = reference(local, "/v1/chat/completions", {"model": "stories-260k",
                                                      "adapter": adapter_id,
                                                      "messages": MESSAGES})
@@ -90,7 +93,7 @@ def test_chat_completions_stream_through_the_sdk(served):
 
 
 def test_completions_create_on_the_base_and_the_adapter(served):
-    sdk, local, adapter_id = served
+    sdk, local, adapter_id, _ = served
     for model, adapter in (("stories-260k", None), (adapter_id, None)):
         want = reference(local, "/v1/completions", {"model": model, "adapter": adapter,
                                                     "prompt": PROMPT})
@@ -102,7 +105,7 @@ def test_completions_create_on_the_base_and_the_adapter(served):
 
 
 def test_sdk_errors_carry_the_status_and_the_field(served):
-    sdk, _, _ = served
+    sdk, *_ = served
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert missing.value.body["param"] == "model"
@@ -110,3 +113,26 @@ def test_sdk_errors_carry_the_status_and_the_field(served):
         sdk.chat.completions.create(model="stories-260k",
                                     messages=[{"role": "robot", "content": "hi"}])
     assert bad.value.body["param"] == "messages.0.role"
+
+
+def test_fine_tuning_through_the_sdk(served):
+    sdk, _, adapter_id, done_id = served
+    uploaded = sdk.files.create(file=("chat.jsonl", CAUSAL_LM), purpose="fine-tune")
+    assert isinstance(uploaded, openai.types.FileObject) and uploaded.purpose == "fine-tune"
+    job = sdk.fine_tuning.jobs.create(model="stories-260k", training_file=uploaded.id)
+    assert isinstance(job, openai.types.fine_tuning.FineTuningJob)
+    assert (job.object, job.status, job.fine_tuned_model, job.result_files) == (
+        "fine_tuning.job", "queued", None, [])
+    assert isinstance(job.seed, int) and job.organization_id and job.training_file == uploaded.id
+
+    done = sdk.fine_tuning.jobs.retrieve(done_id)
+    assert (done.status, done.fine_tuned_model) == ("succeeded", adapter_id)
+    listed = [j.id for j in sdk.fine_tuning.jobs.list(limit=1)]  # pages through `after`
+    assert listed == [job.id, done_id]
+    events = list(sdk.fine_tuning.jobs.list_events(job.id))  # one page: has_more is false
+    assert events and all(e.object == "fine_tuning.job.event" and e.id.startswith("ftevent-")
+                          for e in events)
+    assert len({e.id for e in events}) == len(events)
+
+    cancelled = sdk.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
