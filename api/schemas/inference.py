@@ -134,14 +134,20 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
-    """A completion (also the shape of each streamed chunk, whose text is the new piece)."""
+class _GenerationAnswer(BaseModel):
+    """What every completion answer and streamed chunk carries: its id, when, and the model and
+    adapter choice as the request named them."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: UnixTime
     model: str
     adapter: AdapterChoice
+
+
+class CompletionResponse(_GenerationAnswer):
+    """A completion (also the shape of each streamed chunk, whose text is the new piece)."""
+
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
 
@@ -161,14 +167,10 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_GenerationAnswer):
     """A chat completion, in OpenAI's shape (plus the adapter choice)."""
 
-    id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: UnixTime
-    model: str
-    adapter: AdapterChoice
     choices: list[ChatChoice]
     usage: CompletionUsage
 
@@ -188,14 +190,10 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_GenerationAnswer):
     """One `chat.completion.chunk` server-sent event; the last carries `usage`."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: UnixTime
-    model: str
-    adapter: AdapterChoice
     choices: list[ChatChunkChoice]
     usage: CompletionUsage | None = None
 

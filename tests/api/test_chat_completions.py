@@ -19,19 +19,20 @@ from speft_core.delta import Delta, merge_delta
 from speft_core.models import load_model, load_tokenizer
 from speft_core.serving import Completion, SamplingParams
 from speft_core.serving.generation import generate
-from tests.api.test_inference_api import (  # noqa: F401 (fixtures)
+from tests.api import test_inference_api as inference
+from tests.api.test_inference_api import (
     ALICE,
     BOB,
     MAX_TOKENS,
     assert_error,
-    client,
-    lm_deltas,
-    lm_ids,
     post_json,
     sse_events,
     store_lm,
     weighted_sum,
 )
+
+# the inference module's fixtures: its started app and synthetic stories-260k adapters A and B
+client, lm_deltas, lm_ids = inference.client, inference.lm_deltas, inference.lm_ids
 
 MESSAGES = [{"role": "system", "content": "You tell short stories."},
             {"role": "user", "content": "Tell me about a little dog."}]
