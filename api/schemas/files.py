@@ -20,6 +20,10 @@ class FileObject(PublicModel):
     sha256: str
     num_examples: int | None = None
     task: TaskName | None = None
+    # The SDK's FileObject fields: an upload is validated before it is stored, so always
+    # "processed", with nothing to detail.
+    status: Literal["processed"] = "processed"
+    status_details: None = None
 
 
 class FileList(BaseModel):

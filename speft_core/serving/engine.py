@@ -148,6 +148,7 @@ class ServingEngine:
         delta = load_delta(data)
         verify_delta(self.served.model, Delta(modules=delta.modules, metadata=delta.metadata),
                      check_fingerprint=False)
+        self._check_base_dtype(delta)
         with self._exec_lock:
             base = self.served.base_fingerprint(list(delta.modules))
         check_fingerprint_matches(delta, base)
@@ -156,6 +157,21 @@ class ServingEngine:
         with self._exec_lock:  # the head module is shared with the batches
             self._check_head(adapter)
         return adapter
+
+    def _check_base_dtype(self, delta: Delta) -> None:
+        """Refuse a delta trained against the base in another dtype (`base_dtype`, written by
+        training) before the fingerprint, which would only say "another base"; one resident base
+        per dtype is not kept, so such an adapter is not served (train it with `dtype: auto`)."""
+        trained = delta.metadata.get("base_dtype")
+        if not trained:
+            return
+        served = ",".join(sorted({str(self.served.model.get_submodule(name).weight.dtype)
+                                  .removeprefix("torch.") for name in delta.modules}))
+        if trained != served:
+            raise DeltaMismatchError(
+                f"trained against the base in {trained}, but this server holds "
+                f"{self.name!r} in {served}; serving loads the checkpoint's own dtype "
+                f"(train with hyperparameters.dtype 'auto' to serve it here)")
 
     def _check_head(self, adapter: ServingAdapter) -> None:
         """A classification head must take this model's hidden size and give one logit a label."""

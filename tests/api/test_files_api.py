@@ -115,6 +115,7 @@ def test_chat_file_uploads_as_causal_lm(make_client):
     client = make_client()
     body = _upload(client, CHAT_SET.read_bytes(), name="chat.jsonl").json()
     assert (body["task"], body["num_examples"]) == ("causal_lm", 40)
+    assert (body["status"], body["status_details"]) == ("processed", None)  # as the SDK reads it
 
 
 @pytest.mark.parametrize("bad, reason", [

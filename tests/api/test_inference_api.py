@@ -391,6 +391,17 @@ def test_prompt_plus_max_tokens_beyond_the_models_positions_is_400(client, lm_re
     assert_error(response, 400, "max_tokens")
 
 
+def test_adapter_trained_in_another_dtype_is_422_naming_the_dtype(client, stories_dir):
+    bf16 = load_model(stories_dir, "causal_lm").to(torch.bfloat16)
+    delta = random_delta(bf16, density=0.05, seed=9, base_model="stories-260k")
+    delta.metadata["base_dtype"] = "bfloat16"  # as a job with hyperparameters.dtype leaves it
+    response = complete(client, store_lm(client, delta), PROMPTS[0])
+    assert_error(response, 422, "adapter", "adapter_invalid")
+    error = response.json()["error"]
+    assert "trained against the base in bfloat16" in error["message"], error
+    assert "float32" in error["message"], error
+
+
 @pytest.mark.parametrize("corrupt", ["bytes replaced after registration", "not safetensors"])
 def test_unservable_stored_adapter_is_422_and_others_keep_serving(
         client, cls_ids, cls_deltas, cls_reference, corrupt):

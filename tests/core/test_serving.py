@@ -390,6 +390,20 @@ def test_corrupt_adapter_is_refused_uncached_while_good_requests_go_on(
     assert f"bad-{kind}" in str(err.value)
 
 
+def test_adapter_trained_against_another_dtype_is_refused_naming_it(swap_engine, minilm):
+    """Serving holds the checkpoint's dtype (float32 here): a delta trained against the base in
+    bfloat16 (`base_dtype`, as training writes it) is refused by dtype, not as another base."""
+    engine, _ = swap_engine
+    bf16 = load_model(minilm, "classification", labels=A_LABELS).to(torch.bfloat16)
+    delta = random_delta(bf16, density=0.01, seed=7, labels=A_LABELS, base_model="minilm-l6")
+    delta.metadata["base_dtype"] = "bfloat16"
+    with pytest.raises(DeltaMismatchError) as err:
+        engine.adapter("bf16", _blob_fetch(delta_to_bytes(delta)))
+    assert "bfloat16" in err.value.message and "float32" in err.value.message
+    assert "hyperparameters.dtype" in err.value.message and err.value.param == "adapter"
+    assert "bf16" not in engine.cache
+
+
 def test_concurrent_cold_loads_fetch_once(minilm, cls_blobs):
     engine = ServingEngine.load(minilm, "classification", name="minilm-flight")
     calls = []
