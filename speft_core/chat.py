@@ -144,6 +144,42 @@ def tokenize_chat(
     return ChatFeatures(features=features, dropped_lines=dropped)
 
 
+@dataclass(frozen=True)
+class TurnEnd:
+    """What a template writes after an assistant message's content, as generation stops on it:
+    a special or added token (`token_ids`, e.g. `<|eot_id|>`, or eos for the default template;
+    decoding skips those, so they are stopped on by id) or plain text (`text`, a stop string)."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+
+
+_PROBE = "Hello"  # the assistant content rendered to find what follows it
+
+
+def turn_end(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> TurnEnd:
+    """The end-of-turn marker of `template` (default: `chat_template_for`): render a one-message
+    conversation with the generation prompt, then with an assistant reply, and take what follows
+    the reply (surrounding whitespace dropped). Empty where the template writes nothing after
+    it or cannot render such a conversation."""
+    template = template or chat_template_for(tokenizer)
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        before = _render(tokenizer, user, template, True)
+        through = _render(tokenizer, [*user, {"role": "assistant", "content": _PROBE}],
+                          template, False)
+    except DatasetFormatError:
+        return TurnEnd()
+    if not through.startswith(before + _PROBE):
+        return TurnEnd()
+    marker = through[len(before) + len(_PROBE):].strip()
+    if not marker:
+        return TurnEnd()
+    if marker in tokenizer.get_added_vocab() or marker in tokenizer.all_special_tokens:
+        return TurnEnd(token_ids=(int(tokenizer.convert_tokens_to_ids(marker)),))
+    return TurnEnd(text=marker)  # plain text: decoded like any other, so a stop string
+
+
 def _turn(message: ChatMessage | Mapping[str, Any]) -> tuple[str, str, int]:
     if isinstance(message, ChatMessage):
         return message.role, message.content, message.weight

@@ -43,9 +43,11 @@ from api.services.inference import (
     InferenceEngines,
     PreparedInference,
     chat_prompt_ids,
+    chat_turn_end,
     check_input_chars,
     prepare_inference,
 )
+from speft_core.chat import TurnEnd
 from speft_core.errors import SpeftError
 from speft_core.serving import Completion, SamplingParams
 
@@ -131,6 +133,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request,
     prepared = await _prepare(request, session, storage, tenant, body, "causal_lm")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     prompt_ids = await run_in_threadpool(chat_prompt_ids, prepared, messages)
+    turn = await run_in_threadpool(chat_turn_end, prepared)
     completion_id, created = new_id("chatcmpl"), time.time()
 
     def chunk(delta: ChatDelta, finish: str | None = None,
@@ -140,7 +143,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request,
             choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], usage=usage)
 
     return await _generate(
-        prepared, prompt_ids, body,
+        prepared, prompt_ids, body, turn=turn,
         answer=lambda r: ChatCompletionResponse(
             id=completion_id, created=created, model=body.model, adapter=body.adapter,
             choices=[ChatChoice(message=ChatMessageOut(content=r.text),
@@ -154,13 +157,16 @@ async def _generate(prepared: PreparedInference, prompt_ids: list[int],
                     body: CompletionCreate | ChatCompletionCreate, *,
                     answer: Callable[[Completion], BaseModel], piece: Callable[[str], BaseModel],
                     last: Callable[[Completion], BaseModel],
-                    first: BaseModel | None = None) -> Any:
+                    first: BaseModel | None = None, turn: TurnEnd | None = None) -> Any:
     """Run one generation: `answer(result)` when not streaming; else server-sent events:
     `first` (if any), `piece(text)` per new piece, then `last(result)` (or the error) and
-    `[DONE]`. A client that stops reading stops its row at the next piece."""
-    engine = prepared.engine
+    `[DONE]`. A client that stops reading stops its row at the next piece. `turn`: a chat
+    template's end-of-turn marker, a stop besides eos and `stop`."""
+    engine, turn = prepared.engine, turn or TurnEnd()
+    stop = body.stop_strings() + ((turn.text,) if turn.text else ())
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, stop=body.stop_strings(), seed=body.seed)
+                            top_p=body.top_p, stop=stop, seed=body.seed,
+                            stop_token_ids=turn.token_ids)
     if not body.stream:
         result: Completion = await asyncio.wrap_future(
             engine.complete(prepared.adapter, prompt_ids, params))

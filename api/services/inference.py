@@ -22,7 +22,7 @@ from api.core.models import Adapter, RegisteredModel
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from api.services import models, stored_objects
-from speft_core.chat import render_chat
+from speft_core.chat import TurnEnd, render_chat, turn_end
 from speft_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError
 from speft_core.models import resolve_model
 from speft_core.serving import (
@@ -168,6 +168,12 @@ def chat_prompt_ids(prepared: PreparedInference, messages: Sequence[dict[str, st
                           f"within the model's {engine.max_positions} positions",
                           param="messages")
     return ids
+
+
+def chat_turn_end(prepared: PreparedInference) -> TurnEnd:
+    """Where a chat answer ends besides eos: the end-of-turn marker of the template the prompt
+    is rendered with (`speft_core.chat.turn_end`), e.g. `<|eot_id|>` or `<|im_end|>`."""
+    return turn_end(prepared.engine.tokenizer, prepared.chat_template)
 
 
 def check_input_chars(texts: Sequence[str], *, limit: int, param: str,

@@ -43,6 +43,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides eos (a chat template's end-of-turn token)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or (
@@ -191,8 +192,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def _advance(row: _Row, token: int, tokenizer) -> None:
-    """Add one token to a row: stop at end of sequence, a stop string or max_tokens."""
-    if token == tokenizer.eos_token_id:
+    """Add one token to a row: stop at end of sequence (eos or a stop token), a stop string or
+    max_tokens."""
+    if token == tokenizer.eos_token_id or token in row.params.stop_token_ids:
         row.finish_reason = FINISH_STOP
         return
     row.tokens.append(token)

@@ -103,6 +103,27 @@ def test_the_adapters_recorded_template_formats_the_prompt(client, templated_id,
     assert want.prompt_tokens != chat_reference(lm_deltas["B"], MESSAGES, None).prompt_tokens
 
 
+# a template that ends an assistant turn with "a" (a plain-text end-of-turn marker, one the
+# synthetic adapter's replies are sure to hold)
+PERIOD_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+                   "{% if m['role'] == 'assistant' %}{{ ' a' }}{% endif %}{{ '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_the_templates_end_of_turn_marker_stops_the_reply(client, lm_deltas, chat_reference):
+    delta = lm_deltas["A"]
+    adapter_id = store_lm(client, Delta(modules=delta.modules, extras=delta.extras,
+                                        metadata={**delta.metadata,
+                                                  "chat_template": PERIOD_TEMPLATE}))
+    unstopped = chat_reference(delta, MESSAGES, PERIOD_TEMPLATE).text
+    assert "a" in unstopped[1:], unstopped  # the model writes the marker within MAX_TOKENS
+    response = chat(client, adapter_id)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"] == unstopped[: unstopped.index("a")]
+    assert choice["finish_reason"] == "stop"
+
+
 def test_a_composition_serves_the_weighted_sum(client, lm_ids, lm_deltas, chat_reference):
     parts = [{"id": lm_ids["A"], "weight": 0.5}, {"id": lm_ids["B"], "weight": 0.7}]
     want = chat_reference(weighted_sum([(lm_deltas["A"], 0.5), (lm_deltas["B"], 0.7)]),

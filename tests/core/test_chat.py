@@ -12,9 +12,11 @@ import torch
 from speft_core import data as datasets
 from speft_core.chat import (
     DEFAULT_CHAT_TEMPLATE,
+    TurnEnd,
     chat_template_for,
     render_chat,
     tokenize_chat,
+    turn_end,
 )
 from speft_core.config import JobSpec
 from speft_core.data import IGNORE_INDEX, ChatExample, ChatMessage
@@ -180,6 +182,20 @@ def test_the_tokenizers_own_template_is_used_and_masks_follow_it(tokenizer) -> N
     # An explicit template wins over the tokenizer's own (serving passes the recorded one).
     assert render_chat(own, [USER, ASSISTANT],
                        template=DEFAULT_CHAT_TEMPLATE).text.startswith("<s><|user|>")
+
+
+def test_the_end_of_turn_marker_is_what_the_template_writes_after_the_answer(tokenizer) -> None:
+    # The default template ends a turn with eos; ChatML with <|im_end|>, several tokens of the
+    # stories tokenizer (a stop string), or one where the tokenizer has it as a special token.
+    assert turn_end(tokenizer) == TurnEnd(token_ids=(tokenizer.eos_token_id,))
+    assert turn_end(tokenizer, CHATML) == TurnEnd(text="<|im_end|>")
+    special = copy.deepcopy(tokenizer)
+    special.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    marker = special.convert_tokens_to_ids("<|im_end|>")
+    assert marker != special.eos_token_id
+    assert turn_end(special, CHATML) == TurnEnd(token_ids=(marker,))
+    nothing_after = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert turn_end(tokenizer, nothing_after) == TurnEnd()
 
 
 def test_a_template_that_refuses_the_conversation_names_the_line(tokenizer) -> None:

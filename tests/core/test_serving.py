@@ -612,6 +612,24 @@ def test_streamed_pieces_concatenate_to_the_text(causal_engine):
     assert "." not in completion.text and " the" not in completion.text
 
 
+def test_a_stop_token_ends_the_row_like_eos(causal_engine):
+    """`stop_token_ids` (a chat template's end-of-turn token) stop generation before the token,
+    as eos does."""
+    engine, _ = causal_engine
+    prompt = engine.prompt_ids(PROMPTS[0])
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    full = engine.complete(None, prompt, greedy).result(RESULT_TIMEOUT)
+    whole = engine.prompt_ids(PROMPTS[0] + full.text)  # the generated ids, re-read
+    assert whole[: len(prompt)] == prompt
+    tokens = whole[len(prompt):]
+    stop_at = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])
+    stopped = engine.complete(None, prompt, SamplingParams(
+        max_tokens=12, temperature=0, stop_token_ids=(tokens[stop_at],))).result(RESULT_TIMEOUT)
+    assert stopped.finish_reason == "stop" and full.finish_reason == "length"
+    assert stopped.completion_tokens == stop_at
+    assert full.text.startswith(stopped.text) and len(stopped.text) < len(full.text)
+
+
 def test_a_row_whose_reader_is_gone_stops_while_its_batch_goes_on(stories_dir):
     """on_text returning False (a streaming client went away) ends that row early only."""
     engine = ServingEngine.load(stories_dir, "causal_lm", name="stories-cancel",

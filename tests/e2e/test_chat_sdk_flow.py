@@ -101,9 +101,9 @@ def test_chat_file_to_chat_answer_through_the_sdk(embedded: Stack) -> None:
                                        temperature=0)
     assert base.choices[0].message.content is not None  # the base answers too
 
-    bad = CHAT_SET.read_bytes().splitlines(keepends=True)[:2] + [
-        b'{"messages": [{"role": "robot", "content": "Hi"}, '
-        b'{"role": "assistant", "content": "Hello"}]}\n']
+    robot = (b'{"messages": [{"role": "robot", "content": "Hi"}, '
+             b'{"role": "assistant", "content": "Hello"}]}\n')
+    bad = [*CHAT_SET.read_bytes().splitlines(keepends=True)[:2], robot]
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.files.create(file=("bad.jsonl", b"".join(bad)), purpose="fine-tune")
     error = refused.value.body
