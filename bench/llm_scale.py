@@ -54,7 +54,7 @@ import torch
 from common import start_run  # bench/common.py
 from probes import MIB, LoadProbe, MemoryProbe, machine_info  # bench/probes.py
 from torch import nn
-from train_step import forward_backward, optimizer_update, rotated, timed_step
+from train_step import QUIET_CORES, forward_backward, optimizer_update, rotated, timed_step
 
 log = logging.getLogger("bench.llm_scale")
 
@@ -247,11 +247,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             **load.result()})
         memory = probe.result()
     step_ms = statistics.median(s["step_ms"] for s in samples)
+    quiet = [s["step_ms"] for s in samples if s["other_cores"] < QUIET_CORES]
     return {
         "shape": args.shape, "method": args.method, "checkpointing": args.checkpointing,
         "step_ms": step_ms, "step_ms_all": [s["step_ms"] for s in samples],
         "tokens_per_s": args.seq_len / (step_ms / 1e3),
         "other_cores": statistics.median(s["other_cores"] for s in samples),
+        "other_cores_all": [s["other_cores"] for s in samples],
+        "step_ms_quiet": statistics.median(quiet) if quiet else None, "quiet_steps": len(quiet),
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
         "trainable_state_bytes": trainable_state_bytes(model, optimizer),
@@ -330,16 +333,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "skipped": skipped, "targets": evaluate_targets(rows)}
 
 
+def _quiet(row: Mapping[str, Any]) -> str:
+    quiet = row.get("step_ms_quiet")
+    return "-" if quiet is None else f"{quiet:.0f} ({row['quiet_steps']})"
+
+
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The results table, scoring against its bound, and the target verdicts."""
     lines = ["| shape | method | ckpt | trainable params | step (ms) | tokens/s | train peak (MiB) "
-             "| trainable state (MiB) | file (MiB) | others' load (cores) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| trainable state (MiB) | file (MiB) | others' load (cores) | quiet steps: ms (n) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {r['shape']} | {r['method']} | {r['checkpointing']} "
                      f"| {r['trainable_params']:,} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} "
                      f"| {r['peak_mem_mib']:.0f} | {r['trainable_state_bytes'] / MIB:.1f} "
-                     f"| {r['file_bytes'] / MIB:.1f} | {r['other_cores']:.2f} |")
+                     f"| {r['file_bytes'] / MIB:.1f} | {r['other_cores']:.2f} "
+                     f"| {_quiet(r)} |")
     for s in report["skipped"]:
         lines.append(f"| {s['shape']} | {s['method']} | {s['checkpointing']} | skipped: "
                      f"{s['reason']} |||||||")
