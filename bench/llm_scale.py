@@ -2,7 +2,7 @@
 
 Shapes (no weights are downloaded; `LlamaForCausalLM(config)` with seed 0, built in bf16):
   125m   hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000 (~134M parameters)
-  1b     hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 32000 (~0.97B parameters)
+  1b     hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 32000 (953,223,168 parameters)
   tiny   hidden 64, 2 layers, 4 heads, intermediate 128, vocab 1000 (--quick)
 
 Methods, each with gradient checkpointing off and on (speft_core.train.gradient_checkpointing):
@@ -214,7 +214,8 @@ def file_bytes(method: str, model: nn.Module) -> int:
         layers = sparse_delta_layers(model)
         delta = Delta(modules={n: (lay.indices.cpu(), lay.values.detach().cpu())
                                for n, lay in layers.items()}, extras={},
-                      metadata={"base_model": "random-llama", "base_fingerprint": "0" * 64,  # size only
+                      metadata={"base_model": "random-llama",  # the fingerprint: size only
+                                "base_fingerprint": "0" * 64,
                                 "metric": "gradient", "density": "0.01", "task": "causal_lm",
                                 "labels": "[]"})
         return len(delta_to_bytes(delta))
@@ -277,7 +278,8 @@ def run_child(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
         filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}  # this checkout's speft_core
     proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {' '.join(extra)} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child {' '.join(extra)} failed (exit {proc.returncode}; -9 is "
+                           f"the OOM killer):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -318,10 +320,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                      stats["scoring_bound_mib"])
             for index, ckpt in enumerate(args.checkpointing):
                 for method in rotated(list(args.methods), index):
-                    if method == "full" and full_estimate_gib(stats["parameters"]) > args.full_max_gib:
+                    estimate = full_estimate_gib(stats["parameters"])
+                    if method == "full" and estimate > args.full_max_gib:
                         skipped.append({"shape": shape, "checkpointing": ckpt, "method": method,
-                                        "reason": f"estimated {full_estimate_gib(stats['parameters']):.1f} GiB "
-                                                  f"> --full-max-gib {args.full_max_gib}"})
+                                        "reason": f"estimated {estimate:.1f} GiB > "
+                                                  f"--full-max-gib {args.full_max_gib}"})
                         continue
                     row = run_child(args, ["--shape", shape, "--method", method,
                                            "--checkpointing", ckpt, "--masks", masks_path])
@@ -340,8 +343,9 @@ def _quiet(row: Mapping[str, Any]) -> str:
 
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The results table, scoring against its bound, and the target verdicts."""
-    lines = ["| shape | method | ckpt | trainable params | step (ms) | tokens/s | train peak (MiB) "
-             "| trainable state (MiB) | file (MiB) | others' load (cores) | quiet steps: ms (n) |",
+    lines = [("| shape | method | ckpt | trainable params | step (ms) | tokens/s "
+              "| train peak (MiB) | trainable state (MiB) | file (MiB) | others' load (cores) "
+              "| quiet steps: ms (n) |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {r['shape']} | {r['method']} | {r['checkpointing']} "
@@ -352,8 +356,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     for s in report["skipped"]:
         lines.append(f"| {s['shape']} | {s['method']} | {s['checkpointing']} | skipped: "
                      f"{s['reason']} |||||||")
-    lines += ["", "| shape | parameters | k | scoring (s) | scoring peak (MiB) "
-              "| bound: accumulators + activations (MiB) | within |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", ("| shape | parameters | k | scoring (s) | scoring peak (MiB) "
+                   "| bound: accumulators + activations (MiB) | within |"),
+              "|---|---:|---:|---:|---:|---:|---|"]
     for shape, s in report["scoring"].items():
         lines.append(f"| {shape} | {s['parameters']:,} | {s['k']:,} | {s['scoring_s']:.1f} "
                      f"| {s['scoring_peak_mib']:.0f} | {s['scoring_bound_mib']:.0f} "
