@@ -6,7 +6,6 @@ what the same request naming the adapter in `adapter` answers over plain HTTP. A
 is refused at upload with `BadRequestError`, its body naming the line and the reason."""
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,9 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.test_service_flow import READY_TIMEOUT_S, TERMINAL, Stack, _embedded_env
-from tests.fixtures.processes import spawn_cli, stop, wait_ready
-from tests.fixtures.s3 import _free_port
+from tests.e2e.test_service_flow import TERMINAL, Stack, _embedded_env, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -33,23 +30,8 @@ def embedded(tmp_path: Path, stories_dir: Path) -> Iterator[Stack]:
     (`stories_dir` skips where the stories-260k model is absent)."""
     env = _embedded_env(tmp_path, f"e2e-chat-{uuid.uuid4().hex[:8]}")
     env["SPEFT_MODELS_DIR"] = str(stories_dir.parent)  # registers stories-260k
-    port = _free_port()
-    logs = {"serve": tmp_path / "serve.log", "worker": tmp_path / "worker.log"}
-    handles = {name: path.open("wb") for name, path in logs.items()}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    stack = Stack(f"http://127.0.0.1:{port}", None, processes, logs)
-    try:
-        processes["serve"] = spawn_cli(["serve", "--port", str(port)], env, tmp_path,
-                                       handles["serve"])
-        wait_ready(stack.url, list(processes.values()), stack.output, READY_TIMEOUT_S)
-        processes["worker"] = spawn_cli(["worker", "--device", "cpu", "--loglevel", "WARNING"],
-                                        env, tmp_path, handles["worker"])
+    with running_stack(env, None, tmp_path) as stack:
         yield stack
-    finally:
-        for process in reversed(list(processes.values())):
-            stop(process)
-        for handle in handles.values():
-            handle.close()
 
 
 def _wait(sdk: openai.OpenAI, stack: Stack, job_id: str) -> openai.types.fine_tuning.FineTuningJob:

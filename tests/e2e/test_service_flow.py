@@ -10,6 +10,7 @@ own `/v1/classifications` with that adapter answers what the base with it merged
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -89,6 +90,29 @@ def _embedded_env(tmp: Path, queue: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def running_stack(env: dict[str, str], api_key: str | None, tmp: Path) -> Iterator[Stack]:
+    """A real `speft serve` (started first: it migrates the database) and a real `speft worker`
+    on `env`, logs in `tmp`, stopped afterwards."""
+    port = _free_port()
+    logs = {"serve": tmp / "serve.log", "worker": tmp / "worker.log"}
+    handles = {name: path.open("wb") for name, path in logs.items()}
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    stack = Stack(f"http://127.0.0.1:{port}", api_key, processes, logs)
+    try:
+        processes["serve"] = spawn_cli(["serve", "--port", str(port)], env, tmp,
+                                       handles["serve"])
+        wait_ready(stack.url, list(processes.values()), stack.output, READY_TIMEOUT_S)
+        processes["worker"] = spawn_cli(["worker", "--device", "cpu", "--loglevel", "WARNING"],
+                                        env, tmp, handles["worker"])
+        yield stack
+    finally:
+        for process in reversed(list(processes.values())):
+            stop(process)
+        for handle in handles.values():
+            handle.close()
+
+
 @pytest.fixture(params=["production", "embedded"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """A real API process and a real worker process for one stack, stopped afterwards."""
@@ -97,24 +121,10 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         env, api_key = _production_env(request, queue), API_KEY
     else:
         env, api_key = _embedded_env(tmp_path, queue), None
-    port = _free_port()
-    logs = {"serve": tmp_path / "serve.log", "worker": tmp_path / "worker.log"}
-    handles = {name: path.open("wb") for name, path in logs.items()}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    stack = Stack(f"http://127.0.0.1:{port}", api_key, processes, logs)
     try:
-        processes["serve"] = spawn_cli(["serve", "--port", str(port)], env, tmp_path,
-                                    handles["serve"])
-        # The API migrates the database at startup; the worker starts once it answers.
-        wait_ready(stack.url, list(processes.values()), stack.output, READY_TIMEOUT_S)
-        processes["worker"] = spawn_cli(["worker", "--device", "cpu", "--loglevel", "WARNING"],
-                                     env, tmp_path, handles["worker"])
-        yield stack
+        with running_stack(env, api_key, tmp_path) as running:
+            yield running
     finally:
-        for process in reversed(list(processes.values())):
-            stop(process)
-        for handle in handles.values():
-            handle.close()
         if request.param == "production":  # the queue's kombu keys, left in Redis by Celery
             client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
             keys = list(client.scan_iter(match=f"*{queue}*"))
