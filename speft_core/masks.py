@@ -12,25 +12,12 @@ import torch
 
 from .config import resolve_density
 from .delta import index_dtype
+from .topk import top_positions
 
 
 def _topk_positions(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted positions of the k largest entries of a 1-D tensor, ties to the lower position."""
-    n = flat.numel()
-    if k >= n:
-        return torch.arange(n, device=flat.device)
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.int64, device=flat.device)
-    flat = torch.nan_to_num(flat.float(), nan=float("-inf"))
-    threshold = torch.topk(flat, k, sorted=False).values.min()
-    above = flat > threshold
-    need = k - int(above.sum())
-    chosen = above
-    if need > 0:
-        equal = (flat == threshold).nonzero().squeeze(1)[:need]  # ascending positions
-        chosen = above.clone()
-        chosen[equal] = True
-    return chosen.nonzero().squeeze(1)
+    return top_positions([flat], k)[0]
 
 
 def _as_indices(positions: torch.Tensor, numel: int) -> torch.Tensor:
@@ -38,19 +25,14 @@ def _as_indices(positions: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def select_topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The k highest-scoring entries over all modules: name -> sorted flat indices."""
+    """The k highest-scoring entries over all modules: name -> sorted flat indices.
+
+    The scores are never joined into one tensor (see `speft_core.topk`), so the selection's
+    working memory stays a few megabytes however many weights are targeted.
+    """
     names = list(scores)
-    sizes = [scores[n].numel() for n in names]
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    positions = _topk_positions(flat, k)
-    masks: dict[str, torch.Tensor] = {}
-    start = 0
-    for name, size in zip(names, sizes):
-        lo = torch.searchsorted(positions, start)
-        hi = torch.searchsorted(positions, start + size)
-        masks[name] = _as_indices(positions[lo:hi] - start, size)
-        start += size
-    return masks
+    positions = top_positions([scores[n] for n in names], k)
+    return {n: _as_indices(p, scores[n].numel()) for n, p in zip(names, positions)}
 
 
 def per_layer_counts(sizes: Mapping[str, int], density: float) -> dict[str, int]:
@@ -102,27 +84,28 @@ def _entries_to_keep(
     """Which entries to keep: name -> bool mask over its current entries."""
     if scope == "layer":
         return {
-            name: _keep_largest(values, values.numel() - int(round(fraction * values.numel())))
+            name: _keep_largest(values, values.numel() - round(fraction * values.numel()))
             for name, (_, values) in current.items()
         }
     names = list(current)
-    flat = torch.cat([current[n][1].detach().reshape(-1).float() for n in names])
-    n_keep = flat.numel() - int(round(fraction * flat.numel()))
-    keep_flat = _keep_largest(flat, n_keep)
-    keeps, start = {}, 0
-    for name in names:
-        size = current[name][1].numel()
-        keeps[name] = keep_flat[start:start + size]
-        start += size
-    return keeps
+    magnitudes = [current[n][1].detach().abs() for n in names]
+    total = sum(m.numel() for m in magnitudes)
+    n_keep = total - round(fraction * total)
+    return {
+        name: _positions_to_bool(kept, magnitude.numel())
+        for name, magnitude, kept in zip(names, magnitudes, top_positions(magnitudes, n_keep))
+    }
+
+
+def _positions_to_bool(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    chosen = torch.zeros(numel, dtype=torch.bool, device=positions.device)
+    chosen[positions] = True
+    return chosen
 
 
 def _keep_largest(values: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Bool mask over `values` keeping the n_keep largest |value| (ties to the lower position)."""
-    magnitude = values.detach().abs()
-    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    keep[_topk_positions(magnitude.reshape(-1), n_keep)] = True
-    return keep
+    return _positions_to_bool(_topk_positions(values.detach().abs().reshape(-1), n_keep), values.numel())
 
 
 def drop_and_grow(

@@ -63,3 +63,39 @@ def test_global_drop_and_grow_can_move_budget_between_modules():
     updates = drop_and_grow(current, scores, 0.5)
     assert updates["a"].indices.numel() == 0
     assert updates["b"].indices.tolist() == [0, 1, 2, 3]
+
+
+def _reference_top_positions(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Stable sort of the joined scores, NaN lowest and +inf as the largest finite float."""
+    joined = torch.cat([t.reshape(-1).float() for t in tensors])
+    joined = torch.nan_to_num(joined, nan=float("-inf")) + 0.0
+    chosen = torch.sort(torch.sort(joined, descending=True, stable=True).indices[:k]).values
+    out, start = [], 0
+    for t in tensors:
+        inside = chosen[(chosen >= start) & (chosen < start + t.numel())]
+        out.append(inside - start)
+        start += t.numel()
+    return out
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_chunked_radix_select_equals_a_full_sort(trial: int, monkeypatch):
+    from speft_core import topk
+
+    monkeypatch.setattr(topk, "CHUNK", 37)  # many chunks, none aligned with a tensor
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs each run
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.0, -1.0,
+                         torch.finfo(torch.float32).max, 1e-40, -1e-40])
+    tensors = []
+    for shape in [(5, 7), (0,), (13,), (3, 31), (1, 1)]:
+        values = torch.randn(shape, generator=generator)
+        if trial % 2:  # heavy ties and specials
+            values = pool[torch.randint(0, pool.numel(), shape, generator=generator)]
+        if trial == 4:
+            values = values.to(torch.bfloat16)
+        tensors.append(values)
+    total = sum(t.numel() for t in tensors)
+    for k in [0, 1, 2, total // 3, total - 1, total, total + 5]:
+        got = topk.top_positions(tensors, k)
+        want = _reference_top_positions(tensors, min(k, total))
+        assert [g.tolist() for g in got] == [w.tolist() for w in want], (trial, k)

@@ -72,10 +72,28 @@ print(json.dumps({
 """
 
 
-def measure(dtype: str, examples: int, micro: int) -> dict:
+# Global top-k at 1% over 24M fp32 scores in 6 modules (96 MiB of scores). Joining them and
+# calling torch.topk held ~24 bytes a score (~576 MiB here, 18.5 GiB at a 1B model).
+SELECTION_PROBE = r"""
+import json, torch
+from bench.probes import reset_hwm, vm_hwm, current_rss
+from speft_core.masks import select_mask
+
+generator = torch.Generator().manual_seed(0)
+scores = {f"m{i}": torch.rand(2048, 2048, generator=generator) for i in range(6)}
+select_mask({"w": torch.rand(64, 64)}, 0.01)  # warm
+before = current_rss()
+assert reset_hwm()
+masks = select_mask(scores, 0.01)
+print(json.dumps({"peak": vm_hwm() - before, "k": sum(m.numel() for m in masks.values()),
+                  "mask_bytes": sum(m.numel() * m.element_size() for m in masks.values())}))
+"""
+
+
+def measure(*args: str | int, script: str = PROBE) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-c", PROBE, dtype, str(examples), str(micro)],
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,7 +103,7 @@ def measure(dtype: str, examples: int, micro: int) -> dict:
 @pytest.mark.skipif(not reset_hwm(), reason="VmHWM cannot be reset on this kernel")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gradient_scoring_peak_is_one_accumulator_per_weight_plus_one_batch(dtype: str):
-    result = measure(dtype, examples=8, micro=2)
+    result = measure(dtype, 8, 2)
     # one accumulator per targeted weight in the base dtype, the one layer gradient being added,
     # one micro-batch's activations with their gradients (measured on their own), 4 MiB slack
     bound = result["accumulators"] + result["largest"] + result["activations"] + 4 * MIB
@@ -95,6 +113,16 @@ def test_gradient_scoring_peak_is_one_accumulator_per_weight_plus_one_batch(dtyp
         f"activations {result['activations'] / MIB:.1f} MiB)")
     assert result["peak"] >= 0.9 * result["accumulators"]  # the probe does see the accumulators
     assert result["score_dtype"] == f"torch.{dtype}"
+
+
+@pytest.mark.skipif(not reset_hwm(), reason="VmHWM cannot be reset on this kernel")
+def test_global_topk_never_holds_a_joined_copy_of_the_scores():
+    result = measure(script=SELECTION_PROBE)
+    assert result["k"] == round(0.01 * 6 * 2048 * 2048)
+    # int64 positions per module before the int32 cast, the masks themselves, 32 MiB of chunked
+    # working memory: well under the 96 MiB that one joined fp32 copy alone would take
+    bound = 3 * result["mask_bytes"] + 32 * MIB
+    assert result["peak"] <= bound, f"selection peaked at {result['peak'] / MIB:.1f} MiB"
 
 
 def test_micro_batches_sum_to_the_one_batch_gradient():
