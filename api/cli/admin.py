@@ -63,6 +63,9 @@ def models_register(
     storage_key: Annotated[str | None, typer.Option(
         help="key of a tar archive of a HF model folder in SPEFT_STORAGE_URL")] = None,
     task: Annotated[str, typer.Option(help="classification or causal_lm")] = "classification",
+    dtype: Annotated[str, typer.Option(
+        help="weights' dtype for jobs saying 'auto' and for serving: auto (the checkpoint's), "
+             "bfloat16, float16 or float32")] = "auto",
 ) -> None:
     """Register a server-side model folder or a stored model archive (writes the database)."""
     from api.core.storage import StorageError, open_storage
@@ -77,13 +80,14 @@ def models_register(
             if storage_key is not None:
                 storage = open_storage(settings)
                 row = register_stored_model(session, storage=storage, model_id=model_id,
-                                            task=task, storage_key=storage_key,
+                                            task=task, storage_key=storage_key, dtype=dtype,
                                             cache_dir=settings.model_cache_dir)
             else:
                 row = register_local_model(session, model_id=model_id, task=task, path=path,
-                                           models_dir=settings.models_dir)
+                                           models_dir=settings.models_dir, dtype=dtype)
             typer.echo(json.dumps({"id": row.id, "object": "model", "task": row.task,
-                                   "params": row.params, "path": row.local_path,
+                                   "params": row.params, "dtype": row.dtype,
+                                   "path": row.local_path,
                                    "storage_key": row.storage_key, "sha256": row.sha256}))
     except StorageError as err:
         console.print(f"[red]storage error:[/red] {err.message}")

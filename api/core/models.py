@@ -229,6 +229,8 @@ class RegisteredModel(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))  # of the archive at storage_key
     local_path: Mapped[str | None] = mapped_column(Text)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # what `hyperparameters.dtype: "auto"` trains in and what serving loads: 'auto' = the checkpoint's
+    dtype: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
     created_at: Mapped[datetime] = _created_at()
 
 

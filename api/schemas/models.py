@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.schemas.common import PublicModel, TaskName, UnixTime
 
@@ -15,6 +15,8 @@ class ModelObject(PublicModel):
     object: Literal["model"] = "model"
     task: TaskName
     params: int | None = None
+    dtype: str = Field("auto", description="the dtype its weights train (for jobs saying "
+                       "dtype 'auto') and serve in; 'auto' is the checkpoint's own")
     created_at: UnixTime
 
 

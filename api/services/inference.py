@@ -85,7 +85,8 @@ class InferenceEngines:
             max_wait_ms=self.settings.inference_max_wait_ms, path=self.settings.inference_path)
         log.info("serving: loading base model %s from %s", model.id, path)
         return ServingEngine.load(path, model.task, name=model.id, options=options,
-                                  observer=self.observer, device=self.settings.inference_device)
+                                  observer=self.observer, device=self.settings.inference_device,
+                                  dtype=model.dtype)
 
     def engines(self) -> dict[str, ServingEngine]:
         """The loaded engines by model id."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from api.core.models import File, Job
+from api.core.models import File, Job, RegisteredModel
 from api.core.storage import ObjectNotFound, Storage
 from api.core.unit_of_work import after_commit, after_rollback, commit_and_run, unit_of_work
 from api.services.jobs import finish_cancelled, finish_succeeded
@@ -91,6 +91,14 @@ def _enter_local_file(stack: contextlib.ExitStack, session: Session, *, storage:
     return path
 
 
+def _with_model_dtype(session: Session, hyperparameters: dict, *, model_id: str) -> dict:
+    """`dtype: "auto"` (or none) resolved to the registered model's own dtype, where it has one."""
+    model = session.get(RegisteredModel, model_id)
+    if hyperparameters.get("dtype", "auto") == "auto" and model is not None:
+        hyperparameters["dtype"] = model.dtype
+    return hyperparameters
+
+
 @contextlib.contextmanager
 def local_inputs(session: Session, *, storage: Storage, job_id: str,
                  cache_dir: Path) -> Iterator[tuple[JobSpec, torch.device]]:
@@ -103,6 +111,8 @@ def local_inputs(session: Session, *, storage: Storage, job_id: str,
     device = training_device(body.pop("device", "cpu"))
     body["model"] = model_reference(session, storage=storage, model_id=job.model,
                                     cache_dir=cache_dir)
+    body["hyperparameters"] = _with_model_dtype(session, dict(body.get("hyperparameters") or {}),
+                                                model_id=job.model)
     with contextlib.ExitStack() as stack:
         for field, file_id in (("training_file", job.training_file),
                                ("validation_file", job.validation_file)):

@@ -16,7 +16,7 @@ from api.core.model_cache import ModelArchiveError, cache_archive, local_model_f
 from api.core.models import RegisteredModel, utcnow
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import InvalidRequest, NotFound
-from speft_core.config import TASKS
+from speft_core.config import DTYPES, TASKS
 from speft_core.models import registered_models
 
 
@@ -36,12 +36,14 @@ def count_parameters(model_dir: Path) -> int:
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def _check_id_and_task(model_id: str, task: str) -> None:
-    """Refuse a malformed model id or an unknown task."""
+def _check_registration(model_id: str, task: str, dtype: str) -> None:
+    """Refuse a malformed model id, an unknown task or an unknown dtype."""
     if not MODEL_ID_PATTERN.match(model_id):
         raise InvalidRequest("model ids are 1-128 letters, digits, '.', '_' or '-'", param="model")
     if task not in TASKS:
         raise InvalidRequest(f"task must be one of {', '.join(TASKS)}", param="task")
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}", param="dtype")
 
 
 def _model_folder_params(folder: Path, *, shown: str, param: str) -> int:
@@ -56,12 +58,12 @@ def _model_folder_params(folder: Path, *, shown: str, param: str) -> int:
     return params
 
 
-def _upsert_model(session: Session, *, model_id: str, task: str, params: int,
+def _upsert_model(session: Session, *, model_id: str, task: str, params: int, dtype: str,
                   local_path: Path | None = None, storage_key: str | None = None,
                   sha256: str | None = None) -> None:
     """Insert or replace the row `model_id`; where its weights are is exactly what is given."""
-    values = {"task": task, "params": params, "storage_key": storage_key, "sha256": sha256,
-              "local_path": str(local_path) if local_path is not None else None}
+    values = {"task": task, "params": params, "dtype": dtype, "storage_key": storage_key,
+              "sha256": sha256, "local_path": str(local_path) if local_path is not None else None}
     statement = dialect_insert(session, RegisteredModel).values(
         id=model_id, created_at=utcnow(), **values
     )
@@ -72,15 +74,17 @@ def register_builtin_models(session: Session) -> list[str]:
     """Upsert `speft_core.models.registered_models()` into base_models; return their ids."""
     sources = registered_models()
     for source in sources.values():
-        _upsert_model(session, model_id=source.name, task=source.task,
+        _upsert_model(session, model_id=source.name, task=source.task, dtype=source.dtype,
                       params=count_parameters(source.path), local_path=source.path)
     return list(sources)
 
 
 def register_local_model(session: Session, *, model_id: str, task: str, path: Path,
-                         models_dir: Path | None) -> RegisteredModel:
-    """Register a server-side HF model folder; it must lie inside `models_dir` (no escape)."""
-    _check_id_and_task(model_id, task)
+                         models_dir: Path | None, dtype: str = "auto") -> RegisteredModel:
+    """Register a server-side HF model folder; it must lie inside `models_dir` (no escape).
+
+    `dtype` is what jobs saying `dtype: "auto"` train in and what serving loads it in."""
+    _check_registration(model_id, task, dtype)
     if models_dir is None:
         raise InvalidRequest("set SPEFT_MODELS_DIR to the folder server-side models live in",
                              param="path")
@@ -89,18 +93,21 @@ def register_local_model(session: Session, *, model_id: str, task: str, path: Pa
     if not folder.is_relative_to(root):
         raise InvalidRequest(f"{path} is outside SPEFT_MODELS_DIR ({root})", param="path")
     params = _model_folder_params(folder, shown=str(folder), param="path")
-    _upsert_model(session, model_id=model_id, task=task, params=params, local_path=folder)
+    _upsert_model(session, model_id=model_id, task=task, params=params, dtype=dtype,
+                  local_path=folder)
     return get_model(session, model_id=model_id)
 
 
 def register_stored_model(session: Session, *, storage: Storage, model_id: str, task: str,
-                          storage_key: str, cache_dir: Path) -> RegisteredModel:
+                          storage_key: str, cache_dir: Path,
+                          dtype: str = "auto") -> RegisteredModel:
     """Register the tar archive of a HF model folder stored under `storage_key`.
 
     Its sha256 is recorded (workers verify their download against it) and it is unpacked once
     into `cache_dir` (the worker's model cache) to check it is a model and count its parameters.
+    `dtype` is as for `register_local_model`.
     """
-    _check_id_and_task(model_id, task)
+    _check_registration(model_id, task, dtype)
     try:
         with storage.open_local(storage_key) as archive:  # one download: hashed, then unpacked
             with archive.open("rb") as handle:
@@ -116,7 +123,7 @@ def register_stored_model(session: Session, *, storage: Storage, model_id: str, 
         raise InvalidRequest(err.message, param="storage_key") from err
     params = _model_folder_params(folder, shown=f"the archive at {storage_key}",
                                   param="storage_key")
-    _upsert_model(session, model_id=model_id, task=task, params=params,
+    _upsert_model(session, model_id=model_id, task=task, params=params, dtype=dtype,
                   storage_key=storage_key, sha256=sha256)
     return get_model(session, model_id=model_id)
 

@@ -106,10 +106,12 @@ class ServingEngine:
 
     @classmethod
     def load(cls, path: Path, task: str, *, name: str, options: ServingOptions | None = None,
-             observer: ServingObserver | None = None, device: str = "cpu") -> ServingEngine:
-        """Load a base model folder for serving (classification heads come with adapters)."""
+             observer: ServingObserver | None = None, device: str = "cpu",
+             dtype: str = "auto") -> ServingEngine:
+        """Load a base model folder for serving (classification heads come with adapters), its
+        weights in `dtype` ('auto': the checkpoint's)."""
         labels = ["base"] if task == "classification" else None  # placeholder head, never used
-        model = load_model(path, task, labels=labels).to(device)
+        model = load_model(path, task, labels=labels, dtype=dtype).to(device)
         return cls(model, load_tokenizer(path), task=task, name=name, options=options,
                    observer=observer)
 
@@ -170,7 +172,7 @@ class ServingEngine:
         if trained != served:
             raise DeltaMismatchError(
                 f"trained against the base in {trained}, but this server holds "
-                f"{self.name!r} in {served}; serving loads the checkpoint's own dtype "
+                f"{self.name!r} in {served}; serving loads the model in its registered dtype "
                 f"(train with hyperparameters.dtype 'auto' to serve it here)")
 
     def _check_head(self, adapter: ServingAdapter) -> None:

@@ -12,10 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from api.core.config import Settings
+from api.core.config import Settings, get_settings
+from api.core.db import dispose_engine
 from api.main import create_app
+from worker import tasks
 
 ClientFactory = Callable[..., TestClient]
+RunJob = Callable[[str], None]
 
 
 def start_client(stack: ExitStack, folder: Path, **overrides: Any) -> TestClient:
@@ -50,3 +53,20 @@ def backend_settings(migrated_db: Engine, request: pytest.FixtureRequest,
 def backend_client(backend_settings: dict[str, Any], make_client: ClientFactory) -> TestClient:
     """A started client in open mode on each backend stack (closed before the database is emptied)."""
     return make_client(**backend_settings)
+
+
+@pytest.fixture
+def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunJob]:
+    """The worker's run_job, in process, on the database and storage of `make_client`'s app."""
+    monkeypatch.setenv("SPEFT_DATABASE_URL", f"sqlite:///{tmp_path / 'speft.db'}")
+    monkeypatch.setenv("SPEFT_STORAGE_URL", f"file://{tmp_path / 'storage'}")
+    get_settings.cache_clear()
+    dispose_engine()
+    tasks.get_storage.cache_clear()
+    try:
+        yield tasks.run_job.run
+    finally:
+        dispose_engine(close=True)
+        tasks.get_storage.cache_clear()
+        monkeypatch.undo()
+        get_settings.cache_clear()

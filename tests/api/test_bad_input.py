@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,8 +22,6 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as safetensors_save
 
-from api.core.config import get_settings
-from api.core.db import dispose_engine
 from api.core.models import File, JobStatus
 from api.services.files import _lines
 from api.services.jobs import USER_ERROR
@@ -41,13 +37,10 @@ from speft_core.delta import (
 from speft_core.errors import DatasetFormatError
 from speft_core.models import bundled_minilm_path, load_model
 from speft_core.serving import random_delta
-from tests.api.conftest import ClientFactory
+from tests.api.conftest import ClientFactory, RunJob
 from tests.api.test_adapters_api import make_adapter
 from tests.api.test_files_api import _file_rows, _stored_keys
 from tests.api.test_jobs_api import ALICE, KEYS
-from worker import tasks
-
-RunJob = Callable[[str], None]
 
 
 def jsonl(*rows: dict[str, Any]) -> bytes:
@@ -250,23 +243,6 @@ def test_corrupt_stored_deltas_are_422_adapter_invalid_naming_the_problem(
 
 
 # --- jobs: what only the worker can tell ------------------------------------------------------
-
-
-@pytest.fixture
-def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunJob]:
-    """The worker's run_job, in process, on the database and storage of `make_client`'s app."""
-    monkeypatch.setenv("SPEFT_DATABASE_URL", f"sqlite:///{tmp_path / 'speft.db'}")
-    monkeypatch.setenv("SPEFT_STORAGE_URL", f"file://{tmp_path / 'storage'}")
-    get_settings.cache_clear()
-    dispose_engine()
-    tasks.get_storage.cache_clear()
-    try:
-        yield tasks.run_job.run
-    finally:
-        dispose_engine(close=True)
-        tasks.get_storage.cache_clear()
-        monkeypatch.undo()
-        get_settings.cache_clear()
 
 
 SMALL = {"method": {"type": "speft", "speft": {"metric": "magnitude", "density": 500,
