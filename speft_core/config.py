@@ -17,6 +17,7 @@ from .targets import check_target_patterns
 TASKS: tuple[str, ...] = ("classification", "causal_lm")
 MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
 SCOPES: tuple[str, ...] = ("global", "layer")
+SCORE_NORMALIZATIONS: tuple[str, ...] = ("none", "module")
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 
 Task = Literal["classification", "causal_lm"]
@@ -63,6 +64,26 @@ class SpeftConfig:
     update_fraction: float = field(
         default=0.1, metadata={"help": "dynamic mask: fraction of entries dropped and regrown"}
     )
+    score_normalization: str = field(
+        default="none",
+        metadata={"help": "'module': divide each module's scores by their mean before the "
+                          "global top-k, so no module's scale crowds out the others; 'none'"},
+    )
+    module_floor: float = field(
+        default=0.0,
+        metadata={"help": "fraction [0, 1] of the budget given to every module in proportion "
+                          "to its size (per-layer top-k); the rest is ranked globally"},
+    )
+    explore_fraction: float = field(
+        default=0.0,
+        metadata={"help": "fraction [0, 1) of the budget given to uniformly random entries "
+                          "outside the salience choice"},
+    )
+    head_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "classification: optimizer steps that train the new head alone "
+                          "before salience is scored (a random head gives noisy gradients)"},
+    )
 
     def __post_init__(self) -> None:
         from .salience import METRICS  # late import: salience imports nothing from here at load
@@ -99,6 +120,12 @@ class SpeftConfig:
             )
         if not (0.0 < float(self.update_fraction) <= 1.0):
             raise ConfigError("update_fraction must be in (0, 1]", param="update_fraction")
+        _check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        _check_float_range("module_floor", self.module_floor, 0.0, 1.0)
+        _check_float_range("explore_fraction", self.explore_fraction, 0.0, 1.0)
+        if float(self.explore_fraction) >= 1.0:
+            raise ConfigError("explore_fraction must be below 1", param="explore_fraction")
+        _check_int_range("head_warmup_steps", self.head_warmup_steps, 0, 100_000)
 
     @property
     def is_dynamic(self) -> bool:

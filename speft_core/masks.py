@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import resolve_density
+from .config import SpeftConfig, resolve_density
 from .delta import index_dtype
 from .topk import top_positions
 
@@ -37,8 +37,14 @@ def select_topk_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, 
 
 def per_layer_counts(sizes: Mapping[str, int], density: float) -> dict[str, int]:
     """Entries per module for per-layer top-k: the same fraction of each, summing to the total."""
+    return _shares(sizes, resolve_density(density, sum(sizes.values())))
+
+
+def _shares(sizes: Mapping[str, int], want: int) -> dict[str, int]:
+    """`want` entries split over modules in proportion to their sizes, summing to `want`."""
     total = sum(sizes.values())
-    want = resolve_density(density, total)
+    if total == 0:
+        return dict.fromkeys(sizes, 0)
     exact = {n: want * s / total for n, s in sizes.items()}
     counts = {n: int(v) for n, v in exact.items()}
     # largest remainder, ties by module order, so counts sum to `want` exactly
@@ -53,10 +59,14 @@ def select_topk_per_layer(
 ) -> dict[str, torch.Tensor]:
     """The top entries of each module separately, each module getting its share of the budget."""
     counts = per_layer_counts({n: s.numel() for n, s in scores.items()}, density)
-    return {
-        name: _as_indices(_topk_positions(score.reshape(-1), counts[name]), score.numel())
-        for name, score in scores.items()
-    }
+    return {name: _as_indices(p, scores[name].numel())
+            for name, p in _per_module_top(scores, counts).items()}
+
+
+def _per_module_top(scores: Mapping[str, torch.Tensor],
+                    counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    return {name: _topk_positions(score.reshape(-1), counts[name])
+            for name, score in scores.items()}
 
 
 def select_mask(
@@ -67,6 +77,77 @@ def select_mask(
         return select_topk_per_layer(scores, density)
     total = sum(s.numel() for s in scores.values())
     return select_topk_global(scores, resolve_density(density, total))
+
+
+def choose_mask(scores: dict[str, torch.Tensor], speft: SpeftConfig, *,
+                seed: int) -> dict[str, torch.Tensor]:
+    """The static mask a SPEFT config asks for, from its salience scores (which it consumes:
+    they are normalised and excluded in place).
+
+    The budget k = `density` of the targeted weights is split three ways: `module_floor` of the
+    salience part goes to every module in proportion to its size (each module's own top
+    entries), the rest of it to the global (or, with scope 'layer', per-module) top-k of what
+    is left, and `explore_fraction` of k to uniformly random entries outside both (seeded).
+    With `score_normalization: module` each module's scores are first divided by their mean.
+    """
+    sizes = {n: s.numel() for n, s in scores.items()}
+    k = resolve_density(speft.density, sum(sizes.values()))
+    if speft.score_normalization == "module":
+        normalise_per_module(scores)
+    salience_k = k - round(speft.explore_fraction * k)
+    if speft.scope == "layer":
+        chosen = _per_module_top(scores, _shares(sizes, salience_k))
+    else:
+        floor_k = round(speft.module_floor * salience_k)
+        floor = _per_module_top(scores, _shares(sizes, floor_k))
+        for name, positions in floor.items():
+            scores[name].view(-1)[positions] = float("-inf")
+        rest = top_positions([scores[n] for n in sizes], salience_k - floor_k)
+        chosen = {n: torch.unique(torch.cat([floor[n], r.to(floor[n].device)]))
+                  for n, r in zip(sizes, rest)}
+    chosen = _add_random(chosen, sizes, k - sum(int(c.numel()) for c in chosen.values()),
+                         torch.Generator().manual_seed(seed))
+    return {n: _as_indices(chosen[n], sizes[n]) for n in sizes}
+
+
+def normalise_per_module(scores: dict[str, torch.Tensor]) -> None:
+    """Divide each module's scores (in place) by their mean |score|, NaN ignored."""
+    for score in scores.values():
+        mean = torch.nan_to_num(score.float().abs(), nan=0.0, posinf=0.0).mean()
+        if float(mean) > 0:
+            score.div_(mean.to(score.dtype))
+
+
+def _add_random(chosen: dict[str, torch.Tensor], sizes: Mapping[str, int], count: int,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`chosen` plus `count` uniformly random positions not in it (sorted per module)."""
+    if count <= 0:
+        return chosen
+    names = list(sizes)
+    offsets = torch.tensor([0, *sizes.values()]).cumsum(0)
+    taken = torch.cat([chosen[n].cpu() + offsets[i] for i, n in enumerate(names)]).sort().values
+    total = int(offsets[-1])
+    if total - taken.numel() <= 4 * count:  # dense: draw from the exact complement
+        free = torch.ones(total, dtype=torch.bool)
+        free[taken] = False
+        free_positions = free.nonzero().squeeze(1)
+        added = free_positions[torch.randperm(free_positions.numel(), generator=generator)[:count]]
+    else:  # sparse: rejection sampling, a few rounds at most
+        added = torch.zeros(0, dtype=torch.int64)
+        while added.numel() < count:
+            want = count - added.numel()
+            draw = torch.unique(torch.randint(0, total, (2 * want + 16,), generator=generator))
+            draw = draw[torch.randperm(draw.numel(), generator=generator)]
+            if taken.numel():
+                at = torch.searchsorted(taken, draw).clamp(max=taken.numel() - 1)
+                draw = draw[taken[at] != draw]
+            added = torch.cat([added, draw[:want]])
+            taken = torch.cat([taken, draw[:want]]).sort().values
+    result = {}
+    for i, name in enumerate(names):
+        mine = added[(added >= offsets[i]) & (added < offsets[i + 1])] - offsets[i]
+        result[name] = torch.cat([chosen[name], mine.to(chosen[name].device)]).sort().values
+    return result
 
 
 @dataclass(frozen=True)

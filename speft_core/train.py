@@ -22,7 +22,7 @@ from . import data as datasets
 from .config import JobSpec, SpeftConfig, TrainConfig
 from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
 from .errors import ConfigError, DatasetFormatError, TrainingCancelled
-from .masks import MaskUpdate, drop_and_grow, select_mask
+from .masks import MaskUpdate, choose_mask, drop_and_grow, normalise_per_module
 from .models import classification_head, load_model, load_tokenizer, resolve_model
 from .salience import SalienceInputs, compute_salience
 from .sparse_linear import SparseDeltaLinear, inject_sparse_deltas, remove_sparse_deltas
@@ -146,6 +146,8 @@ class _Trainer:
                      optimizer: torch.optim.Optimizer) -> int:
         """Dynamic mask: re-score the current model, drop smallest |value|, grow top salience."""
         scores = self._scores({n: layer.base for n, layer in layers.items()})
+        if self.speft.score_normalization == "module":
+            normalise_per_module(scores)
         current = {n: (layer.indices, layer.values.detach()) for n, layer in layers.items()}
         updates = drop_and_grow(current, scores, self.speft.update_fraction, self.speft.scope)
         moved = 0
@@ -154,14 +156,44 @@ class _Trainer:
             _move_layer_mask(layer, updates[name], optimizer)
         return moved
 
+    def _warm_up_head(self) -> None:
+        """`head_warmup_steps` AdamW steps on the new classification head alone, before scoring:
+        the backward pass stops at the head, so each costs about one forward pass."""
+        steps = self.speft.head_warmup_steps
+        if steps == 0 or self.task != "classification":
+            return
+        head = list(classification_head(self.model).values())
+        for p in head:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(head, weight_decay=0.0,
+                                      lr=self.hyper.head_learning_rate or self.hyper.learning_rate)
+        self.model.train()
+        done, losses = 0, []
+        while done < steps:
+            for batch in self._batches(self.train_features, shuffle=True,
+                                       seed=self.hyper.seed + 104_729 + done):
+                self._check_cancel()
+                with _autocast(self.device):
+                    loss = batch_loss(self.model, batch, self.task)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                done += 1
+                if done == steps:
+                    break
+        self.model.eval()
+        self.callbacks.event("head warmed up", steps=steps, loss=round(losses[-1], 4))
+
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> tuple[int, int, dict[str, float]]:
         """Select the mask and train; returns the steps, mask updates and last evaluation."""
         callbacks = self.callbacks
         targets = find_target_linears(self.model, self.speft.target_modules)
+        self._warm_up_head()
         started = time.perf_counter()
         scores = self._scores(targets)
-        masks = select_mask(scores, self.speft.density, self.speft.scope)
+        masks = choose_mask(scores, self.speft, seed=self.hyper.seed)
         del scores
         nnz = sum(int(m.numel()) for m in masks.values())
         callbacks.event("mask selected", metric=self.speft.metric, nnz=nnz,

@@ -37,6 +37,7 @@ from speft_core.config import (
     MAX_LENGTH,
     MAX_SCORING_EXAMPLES,
     SCOPES,
+    SCORE_NORMALIZATIONS,
     JobSpec,
     SpeftConfig,
     TrainConfig,
@@ -67,6 +68,10 @@ SpeftSettings = documented(SpeftConfig, {
     "scoring_batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), {"type": "null"}]},
     "update_interval": int_range(0, 10**9),
     "update_fraction": number_range(0.0, 1.0, low_open=True),
+    "score_normalization": {"type": "string", "enum": list(SCORE_NORMALIZATIONS)},
+    "module_floor": number_range(0.0, 1.0),
+    "explore_fraction": {"type": "number", "minimum": 0.0, "exclusiveMaximum": 1.0},
+    "head_warmup_steps": int_range(0, 100_000),
 }, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
           "then": {"properties": {"update_interval": {"minimum": 1}},
                    "required": ["update_interval"]}})

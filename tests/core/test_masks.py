@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speft_core.config import SpeftConfig
 from speft_core.errors import ConfigError
-from speft_core.masks import drop_and_grow, per_layer_counts, select_mask, select_topk_global
+from speft_core.masks import (
+    choose_mask,
+    drop_and_grow,
+    per_layer_counts,
+    select_mask,
+    select_topk_global,
+)
 
 
 def test_global_topk_spans_modules_and_is_sorted():
@@ -99,3 +106,81 @@ def test_chunked_radix_select_equals_a_full_sort(trial: int, monkeypatch):
         got = topk.top_positions(tensors, k)
         want = _reference_top_positions(tensors, min(k, total))
         assert [g.tolist() for g in got] == [w.tolist() for w in want], (trial, k)
+
+
+# --- the selection recipe: normalisation, module floor, exploration -------------------------
+
+
+def _scores(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"a": torch.rand(20, 30, generator=generator) * 1000,  # a module on a larger scale
+            "b": torch.rand(40, 10, generator=generator), "c": torch.rand(8, 8, generator=generator)}
+
+
+def _copy(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: s.clone() for n, s in scores.items()}
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_the_default_recipe_is_plain_top_k(scope: str):
+    scores = _scores(1)
+    plain = select_mask(_copy(scores), 0.05, scope)
+    chosen = choose_mask(_copy(scores), SpeftConfig(density=0.05, scope=scope), seed=0)
+    assert {n: m.tolist() for n, m in chosen.items()} == {n: m.tolist() for n, m in plain.items()}
+
+
+def test_module_normalisation_stops_one_scale_crowding_out_the_rest():
+    scores = _scores(2)
+    plain = choose_mask(_copy(scores), SpeftConfig(density=0.05), seed=0)
+    assert plain["b"].numel() == plain["c"].numel() == 0  # 'a' takes the whole budget
+    normalised = choose_mask(_copy(scores), SpeftConfig(density=0.05,
+                                                        score_normalization="module"), seed=0)
+    assert sum(m.numel() for m in normalised.values()) == round(0.05 * 1064)
+    assert normalised["b"].numel() >= 5 and normalised["a"].numel() <= 45  # ~20 and ~30 expected
+    b = scores["b"].reshape(-1)  # within a module the order is unchanged: its own top entries
+    assert set(normalised["b"].tolist()) == set(b.topk(normalised["b"].numel()).indices.tolist())
+
+
+def test_a_module_floor_of_one_is_per_layer_and_a_partial_floor_reaches_every_module():
+    scores = _scores(3)
+    full_floor = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=1.0), seed=0)
+    per_layer = select_mask(_copy(scores), 0.05, "layer")
+    assert {n: m.tolist() for n, m in full_floor.items()} == {n: m.tolist() for n, m in per_layer.items()}
+    half = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=0.5), seed=0)
+    k = round(0.05 * 1064)
+    assert sum(m.numel() for m in half.values()) == k
+    floor = per_layer_counts({"a": 600, "b": 400, "c": 64}, round(0.5 * k))
+    assert all(half[n].numel() >= floor[n] for n in "abc")
+    assert all(torch.equal(m, torch.unique(m)) for m in half.values())  # sorted, no repeats
+
+
+def test_exploration_adds_seeded_random_entries_outside_the_salience_choice():
+    scores = _scores(4)
+    k = round(0.1 * 1064)
+    top_half = select_mask(_copy(scores), k - round(0.5 * k))
+    speft = SpeftConfig(density=0.1, explore_fraction=0.5)
+    first = choose_mask(_copy(scores), speft, seed=7)
+    assert sum(m.numel() for m in first.values()) == k
+    for name in scores:
+        assert set(top_half[name].tolist()) <= set(first[name].tolist())
+        assert torch.equal(first[name], torch.unique(first[name]))
+    assert first["c"].numel() > 0  # random entries land outside the salient module too
+    again = choose_mask(_copy(scores), speft, seed=7)
+    other = choose_mask(_copy(scores), speft, seed=8)
+    assert all(torch.equal(first[n], again[n]) for n in scores)
+    assert any(not torch.equal(first[n], other[n]) for n in scores)
+
+
+def test_exploration_can_fill_almost_every_weight():
+    scores = _scores(5)
+    chosen = choose_mask(_copy(scores), SpeftConfig(density=1.0, explore_fraction=0.9), seed=0)
+    assert [m.tolist() for m in chosen.values()] == [list(range(s.numel())) for s in scores.values()]
+
+
+@pytest.mark.parametrize("field, value", [("score_normalization", "zscore"),
+                                          ("module_floor", 1.5), ("explore_fraction", 1.0),
+                                          ("head_warmup_steps", -1)])
+def test_recipe_settings_out_of_range_name_their_field(field: str, value):
+    with pytest.raises(ConfigError) as err:
+        SpeftConfig(**{field: value})
+    assert err.value.param == field

@@ -420,3 +420,22 @@ def test_unknown_hyperparameter_is_a_config_error_naming_it():
         JobSpec.from_dict(body)
     assert info.value.param == "hyperparameters.learnin_rate"
     assert "learnin_rate" in str(info.value)
+
+
+def test_head_warm_up_trains_the_head_alone_before_scoring():
+    events: list[tuple[str, dict]] = []
+    callbacks = TrainCallbacks(on_event=lambda message, data: events.append((message, data)))
+    model = tiny_bert()
+    encoder = {n: p.detach().clone() for n, p in model.named_parameters()
+               if not n.startswith("classifier")}
+    warmed = train_tiny(model, metric="gradient", head_warmup_steps=4, n_epochs=1,
+                        callbacks=callbacks)
+    cold = train_tiny(metric="gradient", n_epochs=1)
+    assert [m for m, _ in events].index("head warmed up") < [m for m, _ in events].index(
+        "mask selected")
+    assert dict(events)["head warmed up"]["steps"] == 4
+    # the warmed head's gradients pick other entries than the random head's
+    assert any(not torch.equal(warmed.delta.modules[n][0], cold.delta.modules[n][0])
+               for n in cold.delta.modules)
+    assert all(torch.equal(p, encoder[n])  # training leaves the base as it found it
+               for n, p in model.named_parameters() if n in encoder)
