@@ -112,7 +112,7 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
         grad_out, x = grad_out.to(dtype), x.to(dtype)
     if pattern.nnz == 0:
         return grad_out.new_zeros(0)
-    if grad_out.device.type == "cpu" and grad_out.dtype in (torch.float32, torch.float64):
+    if grad_out.device.type == "cpu":  # bf16 / fp16 widen to fp32 inside the kernel
         ext = load_cpu_extension()
         if ext is not None:
             return ext.sampled_grad(grad_out, x, pattern.used_rows, pattern.used_cols,

@@ -30,6 +30,20 @@ def test_sampled_grad_matches_dense_gradient_gather(shape, tokens):
     torch.testing.assert_close(_sampled_addmm(g, x, pattern), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_cpu_kernel_takes_half_inputs_and_accumulates_in_fp32(dtype):
+    shape, tokens = (33, 70), 200  # 200 tokens: four tiles, the last one partial
+    idx = _random_mask(shape, 231, seed=torch.seed() % 2**31)
+    pattern = SparsePattern.from_indices(idx, shape)
+    g, x = torch.randn(tokens, shape[0]).to(dtype), torch.randn(tokens, shape[1]).to(dtype)
+    expected = (g.double().t() @ x.double()).reshape(-1)[idx.long()]  # the same rounded inputs
+    got = load_cpu_extension().sampled_grad(g, x, pattern.used_rows, pattern.used_cols,
+                                            pattern.row_pos, pattern.col_pos)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)  # fp32 sums, not bf16
+    torch.testing.assert_close(sampled_grad(g, x, pattern), got)
+
+
 def test_cpu_extension_builds_here():
     # The machines this project runs on have a compiler; the fallback exists for those that don't.
     assert load_cpu_extension() is not None
