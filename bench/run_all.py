@@ -5,7 +5,7 @@
     .venv/bin/python bench/run_all.py --plots-only   # redraw the plots from the JSON present
 
 Plots (matplotlib, no display needed):
-  quality_accuracy_vs_params.png  test accuracy (mean ± std over seeds) vs trainable parameters
+  quality_accuracy_vs_params.png  every method's test score per task of the quality suite
   train_step_time.png             step time per method (CPU, and CUDA where its JSON exists)
   serve_throughput.png            rows/s vs distinct adapters in the request mix, per model
 """
@@ -41,48 +41,36 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def plot_quality(report: dict[str, Any], out: Path) -> None:
-    """Left: test accuracy vs trainable parameters (log scale); the SPEFT variants at the 1%
-    budget share one point's x, so only the reference ones are labelled there. Right: every
-    method's test accuracy as a bar, best first, coloured by family."""
+    """One panel per task of the suite: every method's test score (accuracy %, or perplexity
+    on the decoders; mean ± std over seeds) as a bar, best first, coloured by family, with its
+    trainable parameters in the label."""
     import matplotlib.pyplot as plt
 
-    data = report["classification"]
-    summary = data["summary"]
-    accuracy = {row["method"]: 100 * row["test_eval_accuracy"] for row in summary}
-    spread = {row["method"]: 100 * row.get("test_eval_accuracy_std", 0.0) for row in summary}
-    colour = {row["method"]: FAMILY_COLOURS.get(row["family"], "black") for row in summary}
-    budget = next((r["trainable_params"] for r in summary if r["method"] == "speft-gradient"),
-                  None)
-    fig, (scatter, bars) = plt.subplots(1, 2, figsize=(14, 6),
-                                        gridspec_kw={"width_ratios": [1.1, 1]})
-    for row in summary:
-        name, params = row["method"], row["trainable_params"]
-        scatter.errorbar(params, accuracy[name], yerr=spread[name], fmt="o", capsize=3,
-                         color=colour[name])
-        if params != budget or name in ("speft-gradient", "speft-random", "speft-magnitude"):
-            scatter.annotate(name.removeprefix("speft-"), (params, accuracy[name]),
-                             textcoords="offset points", xytext=(5, 3), fontsize=8)
-    for family, family_colour in FAMILY_COLOURS.items():
-        scatter.scatter([], [], color=family_colour, label=family)
-    scatter.set_xscale("log")
-    scatter.set_xlabel("trainable parameters (log scale)")
-    scatter.set_ylabel("test accuracy (%), mean ± std over seeds")
-    scatter.legend(loc="lower right")
-    scatter.grid(alpha=0.3)
-    order = sorted(accuracy, key=accuracy.get, reverse=True)
-    bars.barh(order, [accuracy[n] for n in order], xerr=[spread[n] for n in order],
-              color=[colour[n] for n in order], capsize=2)
-    for i, name in enumerate(order):
-        bars.text(accuracy[name] + spread[name] + 0.3, i, f"{accuracy[name]:.1f}", va="center",
-                  fontsize=8)
-    bars.set_xlim(max(0.0, min(accuracy.values()) - 10), 100)
-    bars.invert_yaxis()
-    bars.set_xlabel("test accuracy (%)")
-    bars.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{data['model']} on SST-2 ({data['train_examples']} training examples, "
-                 f"{len(summary)} methods, rates tuned on dev)")
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 5.2), squeeze=False)
+    for ax, (name, task) in zip(axes[0], tasks.items(), strict=True):
+        classification = "test_eval_accuracy" in task["summary"][0]
+        key = "test_eval_accuracy" if classification else "test_eval_perplexity"
+        scale = 100 if classification else 1
+        rows = sorted((r for r in task["summary"] if key in r), key=lambda r: r[key],
+                      reverse=classification)
+        labels = [f"{r['method']} ({r['trainable_params']:,})" for r in rows]
+        values = [scale * r[key] for r in rows]
+        ax.barh(labels, values, xerr=[scale * r.get(key + "_std", 0.0) for r in rows],
+                color=[FAMILY_COLOURS.get(r["family"], "black") for r in rows], capsize=2)
+        for i, value in enumerate(values):
+            ax.text(value, i, f" {value:.1f}" if classification else f" {value:.2f}",
+                    va="center", fontsize=7)
+        if classification:
+            ax.set_xlim(max(0.0, min(values) - 10), 100)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("test accuracy (%)" if classification else "test perplexity (lower wins)")
+        ax.set_title(f"{name} ({task['model']}, {task['train_examples']} examples)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Quality suite: rates tuned on dev per method; bars are test, mean ± std")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -144,7 +132,7 @@ def draw_plots(results: Path) -> list[Path]:
     matplotlib.use("Agg")
     written = []
     quality = _load(results / "quality.json")
-    if quality and "classification" in quality:
+    if quality and quality.get("tasks") and "summary" in next(iter(quality["tasks"].values())):
         plot_quality(quality, results / "quality_accuracy_vs_params.png")
         written.append(results / "quality_accuracy_vs_params.png")
     steps = {device: r for device, r in (("CPU", _load(results / "train_step.json")),
