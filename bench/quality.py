@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,15 @@ log = logging.getLogger("bench.quality")
 RESULTS = REPO / "bench" / "results"
 
 # Salience recipes screened by --levers (SpeftConfig fields on top of the defaults).
-LEVERS: dict[str, dict[str, Any]] = {
+LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut short keeps them
     "baseline": {},
     "head-warmup": {"head_warmup_steps": 16},
     "module-norm": {"score_normalization": "module"},
+    "warmup+norm": {"head_warmup_steps": 16, "score_normalization": "module"},
     "floor-25%": {"module_floor": 0.25},
     "explore-20%": {"explore_fraction": 0.2},
-    "scoring-64": {"scoring_examples": 64},
     "dynamic": {"mask": "dynamic", "update_interval": 8},
-    "warmup+norm": {"head_warmup_steps": 16, "score_normalization": "module"},
+    "scoring-64": {"scoring_examples": 64},
 }
 HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
 
@@ -221,8 +221,10 @@ def ranks_markdown(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
 # --- the lever screen ---------------------------------------------------------------------------
 
 
-def screen_levers(datas: dict[str, Data], args: argparse.Namespace) -> dict[str, Any]:
-    """SPEFT-gradient with every recipe of LEVERS on every task: tuned dev score at seed 1."""
+def screen_levers(datas: dict[str, Data], args: argparse.Namespace,
+                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """SPEFT-gradient with every recipe of LEVERS on every task: tuned dev score at seed 1
+    (`save(partial)` after every cell, so a long screen leaves its results as it goes)."""
     device = torch.device(args.device)
     method = Method("speft-gradient", "speft", {"metric": "gradient"})
     table: dict[str, dict[str, Any]] = {}
@@ -240,6 +242,7 @@ def screen_levers(datas: dict[str, Data], args: argparse.Namespace) -> dict[str,
                 "lr": best, "dev": _dev_score(row, data.task), "interior": interior,
                 "runs": tried}
             log.info("lever %s on %s: lr %g dev %.4f", lever, name, best, table[lever][name]["dev"])
+            save({"table": table})
     for name in datas:  # a head-only lever equals the baseline on decoders
         for lever in HEAD_ONLY_LEVERS & set(table):
             if name not in table[lever] and name in table.get("baseline", {}):
@@ -315,18 +318,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report["tasks"][name] = {"model": data.spec.model, "train_examples": len(data.train),
                                  "dev_examples": len(data.dev), "test_examples": len(data.test),
                                  "protocol": vars(data.spec.protocol)}
+    def save(partial: dict[str, Any] | None = None) -> None:
+        if partial is not None:
+            report["levers_partial"] = partial
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
     if args.levers:
-        report["levers"] = screen_levers(datas, args)
+        report["levers"] = screen_levers(datas, args, save)
+        report.pop("levers_partial", None)
     else:
         for name, data in datas.items():
             chosen = [m for m in methods_for(data.spec)
                       if not args.methods or m.name in args.methods]
             report["tasks"][name] |= compare(data, chosen, args, args.recipe)
+            save()
         report["across_tasks"] = across_tasks(report)
         report["targets"] = targets(report)
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    save()
     if args.levers:
         print(levers_markdown(report["levers"], args.tasks))
     else:
