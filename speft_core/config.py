@@ -19,6 +19,8 @@ MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
 SCOPES: tuple[str, ...] = ("global", "layer")
 SCORE_NORMALIZATIONS: tuple[str, ...] = ("none", "module")
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+SELECTIONS: tuple[str, ...] = ("best", "last")
+MAX_CHECKPOINTS = 1000
 
 Task = Literal["classification", "causal_lm"]
 
@@ -134,6 +136,21 @@ class SpeftConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the validation loss has not improved by more than `min_delta` for `patience`
+    checkpoints in a row."""
+
+    __pydantic_config__ = _REFUSE_UNKNOWN_FIELDS
+
+    patience: int = field(default=3, metadata={"help": "checkpoints without improvement"})
+    min_delta: float = field(default=0.0, metadata={"help": "the least drop that counts"})
+
+    def __post_init__(self) -> None:
+        _check_int_range("patience", self.patience, 1, MAX_CHECKPOINTS)
+        _check_float_range("min_delta", self.min_delta, 0.0, 1e6)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation hyperparameters (the REST job's `hyperparameters`)."""
 
@@ -160,6 +177,28 @@ class TrainConfig:
         metadata={"help": "recompute activations in the backward pass (less memory, ~1/3 "
                           "more compute); models that support it only"},
     )
+    n_checkpoints: int | None = field(
+        default=None,
+        metadata={"help": "checkpoints evenly spaced over the run (default: one per epoch)"},
+    )
+    checkpoint_every_steps: int | None = field(
+        default=None, metadata={"help": "a checkpoint every this many steps (and at the end)"},
+    )
+    keep_checkpoints: int | None = field(
+        default=None,
+        metadata={"help": "keep at most this many checkpoints, the newest (the best one is "
+                          "always kept); None keeps all"},
+    )
+    select: str = field(
+        default="best",
+        metadata={"help": "the delta a run returns: 'best' (lowest validation loss over the "
+                          "checkpoints, where there is a validation set) or 'last'"},
+    )
+    early_stopping: EarlyStopping | None = field(
+        default=None,
+        metadata={"help": "stop when the validation loss stops improving (needs a validation "
+                          "set)"},
+    )
 
     def __post_init__(self) -> None:
         _check_int_range("n_epochs", self.n_epochs, 1, MAX_EPOCHS)
@@ -177,6 +216,20 @@ class TrainConfig:
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError("gradient_checkpointing must be true or false",
                               param="gradient_checkpointing")
+        for name in ("n_checkpoints", "checkpoint_every_steps", "keep_checkpoints"):
+            if getattr(self, name) is not None:
+                _check_int_range(name, getattr(self, name), 1,
+                                 10**9 if name == "checkpoint_every_steps" else MAX_CHECKPOINTS)
+        if self.n_checkpoints is not None and self.checkpoint_every_steps is not None:
+            raise ConfigError("give n_checkpoints or checkpoint_every_steps, not both",
+                              param="checkpoint_every_steps")
+        _check_choice("select", self.select, SELECTIONS)
+        if isinstance(self.early_stopping, Mapping):
+            object.__setattr__(self, "early_stopping",
+                               _build(EarlyStopping, self.early_stopping, "early_stopping"))
+        elif self.early_stopping is not None and not isinstance(self.early_stopping,
+                                                                 EarlyStopping):
+            raise ConfigError("early_stopping must be an object or null", param="early_stopping")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], task: str) -
 def evaluate(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], task: str
 ) -> dict[str, float]:
-    """eval_loss (and eval_accuracy for classification, perplexity for LMs) over the batches."""
+    """eval_loss, and eval_accuracy for classification or, for LMs, eval_perplexity and
+    eval_mean_token_accuracy (the share of supervised tokens whose argmax is the label)."""
     was_training = model.training
     model.eval()
     total_loss, total_weight, correct = 0.0, 0, 0
@@ -66,6 +67,8 @@ def evaluate(
                 losses, supervised = _token_losses(logits, batch["labels"])
                 total_loss += float((losses * supervised).sum())
                 total_weight += int(supervised.sum())
+                hits = logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]
+                correct += int((hits & supervised).sum())
     finally:
         model.train(was_training)
     if total_weight == 0:
@@ -73,4 +76,5 @@ def evaluate(
     mean = total_loss / total_weight
     if task == "classification":
         return {"eval_loss": mean, "eval_accuracy": correct / total_weight}
-    return {"eval_loss": mean, "eval_perplexity": float(torch.exp(torch.tensor(mean)))}
+    return {"eval_loss": mean, "eval_perplexity": float(torch.exp(torch.tensor(mean))),
+            "eval_mean_token_accuracy": correct / total_weight}

@@ -19,6 +19,15 @@ from torch import nn
 
 from . import chat
 from . import data as datasets
+from .checkpoint import (
+    BestSoFar,
+    Checkpointer,
+    CheckpointReport,
+    TrainingState,
+    capture_rng,
+    checkpoint_steps,
+    restore_rng,
+)
 from .config import JobSpec, SpeftConfig, TrainConfig
 from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
 from .errors import ConfigError, DatasetFormatError, TrainingCancelled
@@ -52,6 +61,7 @@ class TrainCallbacks:
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     on_event: Callable[[str, dict[str, Any]], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    on_checkpoint: Callable[[CheckpointReport], None] | None = None
 
     def event(self, message: str, **data: Any) -> None:
         """Forward an event to the caller and the log."""
@@ -71,6 +81,8 @@ class TrainResult:
     steps: int = 0
     mask_updates: int = 0
     seconds: float = 0.0
+    best_step: int | None = None  # the checkpoint whose delta this is, with `select: best`
+    stopped_early: bool = False
 
 
 def default_device() -> torch.device:
@@ -103,11 +115,16 @@ class _Trainer:
     def __init__(self, model: nn.Module, *, task: str, speft: SpeftConfig, hyper: TrainConfig,
                  train_features: Sequence[Mapping[str, Any]],
                  eval_features: Sequence[Mapping[str, Any]] | None, pad_token_id: int,
-                 callbacks: TrainCallbacks, device: torch.device) -> None:
+                 callbacks: TrainCallbacks, device: torch.device,
+                 make_delta: Callable[[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], Delta]
+                 | None = None) -> None:
         self.model, self.task, self.speft, self.hyper = model, task, speft, hyper
         self.train_features, self.eval_features = train_features, eval_features
         self.pad_token_id, self.callbacks, self.device = pad_token_id, callbacks, device
+        self.make_delta = make_delta
         self.scoring_round = 0
+        self.best_step: int | None = None
+        self.stopped_early = False
 
     # -- data -----------------------------------------------------------------------------
     def _batches(self, features, *, shuffle: bool, seed: int, size: int | None = None):
@@ -186,22 +203,41 @@ class _Trainer:
         self.callbacks.event("head warmed up", steps=steps, loss=round(losses[-1], 4))
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self) -> tuple[int, int, dict[str, float]]:
-        """Select the mask and train; returns the steps, mask updates and last evaluation."""
-        callbacks = self.callbacks
-        targets = find_target_linears(self.model, self.speft.target_modules)
+    def _select_mask(self, targets: Mapping[str, nn.Linear]) -> dict[str, torch.Tensor]:
         self._warm_up_head()
         started = time.perf_counter()
         scores = self._scores(targets)
         masks = choose_mask(scores, self.speft, seed=self.hyper.seed)
         del scores
-        nnz = sum(int(m.numel()) for m in masks.values())
-        callbacks.event("mask selected", metric=self.speft.metric, nnz=nnz,
-                        targeted=sum(t.weight.numel() for t in targets.values()),
-                        seconds=round(time.perf_counter() - started, 3))
-        layers = inject_sparse_deltas(self.model, masks)
+        self.callbacks.event("mask selected", metric=self.speft.metric,
+                             nnz=sum(int(m.numel()) for m in masks.values()),
+                             targeted=sum(t.weight.numel() for t in targets.values()),
+                             seconds=round(time.perf_counter() - started, 3))
+        return masks
+
+    def _head(self) -> dict[str, nn.Parameter]:
+        return classification_head(self.model) if self.task == "classification" else {}
+
+    def run(self, resume: TrainingState | None = None) -> tuple[int, int, dict[str, float]]:
+        """Select the mask (or take the resumed state's) and train; returns the steps, mask
+        updates and last evaluation. With `select: best` the layers end holding the best
+        checkpoint's values."""
+        targets = find_target_linears(self.model, self.speft.target_modules)
+        if resume is None:
+            layers = inject_sparse_deltas(self.model, self._select_mask(targets))
+        else:
+            if set(resume.masks) != set(targets):
+                raise ConfigError("the training state was saved for other target modules",
+                                  param="target_modules")
+            layers = inject_sparse_deltas(self.model, {n: resume.masks[n] for n in targets},
+                                          resume.values)
+            _load_head(self._head(), resume.head)
+            self.scoring_round = resume.scoring_round
         optimizer = self._optimizer(layers)
-        mask_updates = 0
+        mask_updates = resume.mask_updates if resume else 0
+        if resume is not None:
+            optimizer.load_state_dict(resume.optimizer)
+            self.callbacks.event("resumed from step", step=resume.step)
 
         def after_step(step: int, total: int) -> None:
             nonlocal mask_updates
@@ -210,14 +246,49 @@ class _Trainer:
                 mask_updates += 1
                 self.callbacks.event("mask updated", step=step, grown=grown)
 
-        step, metrics = self.optimize(optimizer, after_step)
+        def live() -> tuple[dict, dict, dict]:
+            return ({n: layer.indices for n, layer in layers.items()},
+                    {n: layer.values.detach() for n, layer in layers.items()},
+                    {n: p.detach() for n, p in self._head().items()})
+
+        def state(step: int, epoch: int, groups_done: int, scheduler) -> TrainingState:
+            masks, values, head = live()
+            return TrainingState(step=step, epoch=epoch, groups_done=groups_done, masks=masks,
+                                 values=values, head=head, optimizer=optimizer.state_dict(),
+                                 scheduler=scheduler.state_dict(), rng=capture_rng(),
+                                 scoring_round=self.scoring_round, mask_updates=mask_updates,
+                                 best=checkpointer.best)
+
+        checkpointer = Checkpointer(
+            steps=[], best=resume.best if resume else BestSoFar(), select=self.hyper.select,
+            early_stopping=self.hyper.early_stopping, snapshot=live,
+            make_delta=lambda: self.make_delta(
+                {n: (layer.indices, layer.values) for n, layer in layers.items()}),
+            make_state=state, on_checkpoint=self.callbacks.on_checkpoint,
+            on_event=self.callbacks.event)
+        step, metrics = self.optimize(optimizer, after_step, checkpointer=checkpointer,
+                                      resume=resume)
+        self.stopped_early = checkpointer.stopped_early
+        best = checkpointer.best
+        if self.hyper.select == "best" and best.step:
+            self.best_step = best.step
+            if best.step != step:
+                for name, layer in layers.items():
+                    layer.set_mask(best.masks[name], best.values[name])
+                _load_head(self._head(), best.head)
+                self.callbacks.event("best checkpoint selected", step=best.step,
+                                     valid_loss=round(best.loss, 6))
         return step, mask_updates, metrics
 
     def optimize(self, optimizer: torch.optim.Optimizer,
-                 after_step: Callable[[int, int], None] | None = None
-                 ) -> tuple[int, dict[str, float]]:
+                 after_step: Callable[[int, int], None] | None = None, *,
+                 checkpointer: Checkpointer | None = None,
+                 resume: TrainingState | None = None) -> tuple[int, dict[str, float]]:
         """The loop every method shares: epochs of (accumulated) steps with AdamW, linear
-        warm-up and decay, clipping, callbacks and an evaluation per epoch."""
+        warm-up and decay, clipping, callbacks, and an evaluation at each checkpoint step (by
+        default at the end of every epoch). With a `checkpointer` every such step is also a
+        checkpoint, and early stopping may end the run; with `resume` the loop continues from
+        that state's step, data position, scheduler and RNG."""
         hyper, callbacks = self.hyper, self.callbacks
         steps_per_epoch = math.ceil(
             math.ceil(len(self.train_features) / hyper.batch_size) / hyper.gradient_accumulation_steps
@@ -226,11 +297,26 @@ class _Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _linear_schedule(total, int(round(hyper.warmup_ratio * total)))
         )
-        step = 0
+        evaluate_at = set(checkpoint_steps(total, steps_per_epoch,
+                                           n_checkpoints=hyper.n_checkpoints,
+                                           every_steps=hyper.checkpoint_every_steps))
+        if checkpointer is not None:
+            checkpointer.steps = evaluate_at
+            make_state = checkpointer.make_state
+            checkpointer.make_state = lambda *at: make_state(*at, scheduler)
+        step, first_epoch, skip = 0, 0, 0
+        if resume is not None:
+            scheduler.load_state_dict(resume.scheduler)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # building the scheduler reset them to step 0's
+            step, first_epoch, skip = resume.step, resume.epoch, resume.groups_done
+            restore_rng(resume.rng)
         metrics: dict[str, float] = {}
         self.model.train()
-        for epoch in range(hyper.n_epochs):
-            for group in self._accumulation_groups(epoch):
+        for epoch in range(first_epoch, hyper.n_epochs):
+            for index, group in enumerate(self._accumulation_groups(epoch)):
+                if epoch == first_epoch and index < skip:
+                    continue  # trained before the resumed state was taken
                 self._check_cancel()
                 loss_sum = 0.0
                 for batch in group:
@@ -251,9 +337,18 @@ class _Trainer:
                     callbacks.on_step(StepReport(step, total, epoch, loss_sum, lr, grad_norm))
                 if after_step is not None:
                     after_step(step, total)
-            metrics = self._eval()
-            if metrics and callbacks.on_eval is not None:
-                callbacks.on_eval(step, {**metrics, "epoch": epoch})
+                if step not in evaluate_at:
+                    continue
+                metrics = self._eval()
+                if metrics and callbacks.on_eval is not None:
+                    callbacks.on_eval(step, {**metrics, "epoch": epoch})
+                resume_at = ((epoch + 1, 0) if index + 1 == steps_per_epoch
+                             else (epoch, index + 1))
+                if checkpointer is not None and checkpointer.take(
+                        step=step, total=total, epoch=epoch, resume_at=resume_at,
+                        train_loss=loss_sum, evaluation=metrics):
+                    self.model.eval()
+                    return step, metrics
         self.model.eval()
         return step, metrics
 
@@ -283,6 +378,13 @@ class _Trainer:
     def _check_cancel(self) -> None:
         if self.callbacks.should_cancel is not None and self.callbacks.should_cancel():
             raise TrainingCancelled("training cancelled on request")
+
+
+def _load_head(head: Mapping[str, nn.Parameter], saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved classification-head tensors into the live head (same names, same shapes)."""
+    with torch.no_grad():
+        for name, param in head.items():
+            param.copy_(saved[name].to(param.device))
 
 
 def _move_layer_mask(layer: SparseDeltaLinear, update: MaskUpdate,
@@ -339,11 +441,13 @@ def train_sparse(
     callbacks: TrainCallbacks | None = None,
     device: torch.device | None = None,
     chat_template: str | None = None,
+    resume: TrainingState | None = None,
 ) -> TrainResult:
     """Train a sparse delta on a loaded model; the model's base weights are restored afterwards.
 
     `chat_template` (the features are chat conversations rendered with it) goes into the
-    delta's metadata for serving.
+    delta's metadata for serving. `resume` continues a run from a state its checkpoint
+    callback saved (same model, data and settings), skipping salience scoring.
     """
     callbacks = callbacks or TrainCallbacks()
     device = device or default_device()
@@ -352,38 +456,40 @@ def train_sparse(
     for p in model.parameters():
         p.requires_grad_(False)
     targets = find_target_linears(model, speft.target_modules)
-    base_fingerprint = fingerprint(model, targets)
+    metadata = {
+        "format": FORMAT, "base_model": base_model, "base_fingerprint": fingerprint(model, targets),
+        "metric": speft.metric, "density": str(speft.density), "task": task,
+        "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
+        **({CHAT_TEMPLATE_KEY: chat_template} if chat_template is not None else {}),
+        "base_dtype": ",".join(sorted({_dtype_name(t.weight.dtype) for t in targets.values()})),
+    }
+
+    def make_delta(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
+        extras = ({n: p.detach().cpu().clone() for n, p in classification_head(model).items()}
+                  if task == "classification" else {})
+        nnz = sum(int(i.numel()) for i, _ in modules.values())
+        return Delta(modules={n: (i.cpu().clone(), v.detach().cpu().clone())
+                              for n, (i, v) in modules.items()},
+                     extras=extras, metadata={**metadata, "nnz": str(nnz)})
+
     trainer = _Trainer(model, task=task, speft=speft, hyper=hyper, train_features=train_features,
                        eval_features=eval_features, pad_token_id=pad_token_id,
-                       callbacks=callbacks, device=device)
+                       callbacks=callbacks, device=device, make_delta=make_delta)
     started = time.perf_counter()
     base_eval = trainer._eval()
     if base_eval:
         callbacks.event("base model evaluated", **base_eval)
     try:
         with gradient_checkpointing(model, hyper.gradient_checkpointing):
-            steps, mask_updates, final_eval = trainer.run()
+            steps, mask_updates, final_eval = trainer.run(resume)
     finally:
         modules = remove_sparse_deltas(model)  # restores the base weights bit for bit
-    extras = {}
-    if task == "classification":
-        extras = {n: p.detach().cpu().clone() for n, p in classification_head(model).items()}
-    nnz = sum(int(i.numel()) for i, _ in modules.values())
-    delta = Delta(
-        modules={n: (i.cpu(), v.cpu()) for n, (i, v) in modules.items()},
-        extras=extras,
-        metadata={
-            "format": FORMAT, "base_model": base_model, "base_fingerprint": base_fingerprint,
-            "metric": speft.metric, "density": str(speft.density), "nnz": str(nnz), "task": task,
-            "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
-            **({CHAT_TEMPLATE_KEY: chat_template} if chat_template is not None else {}),
-            "base_dtype": ",".join(sorted({_dtype_name(t.weight.dtype) for t in targets.values()})),
-        },
-    )
+    delta = make_delta(modules)
     return TrainResult(delta=delta, eval=final_eval, base_eval=base_eval,
-                       trainable_params=nnz + sum(e.numel() for e in extras.values()),
+                       trainable_params=delta.nnz + sum(e.numel() for e in delta.extras.values()),
                        steps=steps, mask_updates=mask_updates,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, best_step=trainer.best_step,
+                       stopped_early=trainer.stopped_early)
 
 
 def train_parameters(

@@ -33,11 +33,13 @@ from speft_core.config import (
     DTYPES,
     MASK_KINDS,
     MAX_BATCH_SIZE,
+    MAX_CHECKPOINTS,
     MAX_EPOCHS,
     MAX_LENGTH,
     MAX_SCORING_EXAMPLES,
     SCOPES,
     SCORE_NORMALIZATIONS,
+    SELECTIONS,
     JobSpec,
     SpeftConfig,
     TrainConfig,
@@ -87,7 +89,17 @@ TrainSettings = documented(TrainConfig, {
     "gradient_accumulation_steps": int_range(1, 1024),
     "head_learning_rate": {"anyOf": [_LEARNING_RATE, {"type": "null"}]},
     "dtype": {"type": "string", "enum": list(DTYPES)},
-})
+    "n_checkpoints": {"anyOf": [int_range(1, MAX_CHECKPOINTS), {"type": "null"}]},
+    "checkpoint_every_steps": {"anyOf": [int_range(1, 10**9), {"type": "null"}]},
+    "keep_checkpoints": {"anyOf": [int_range(1, MAX_CHECKPOINTS), {"type": "null"}]},
+    "select": {"type": "string", "enum": list(SELECTIONS)},
+    "early_stopping": {"anyOf": [{"type": "object", "additionalProperties": False,
+                                  "properties": {"patience": int_range(1, MAX_CHECKPOINTS),
+                                                 "min_delta": number_range(0.0, 1e6)}},
+                                 {"type": "null"}]},
+}, extra={"not": {"required": ["n_checkpoints", "checkpoint_every_steps"],
+                  "properties": {"n_checkpoints": {"type": "integer"},
+                                 "checkpoint_every_steps": {"type": "integer"}}}})
 
 
 # -- the create body -------------------------------------------------------------------------
