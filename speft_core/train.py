@@ -237,7 +237,7 @@ class _Trainer:
         mask_updates = resume.mask_updates if resume else 0
         if resume is not None:
             optimizer.load_state_dict(resume.optimizer)
-            self.callbacks.event("resumed from step", step=resume.step)
+            self.callbacks.event(f"resumed from step {resume.step}", step=resume.step)
 
         def after_step(step: int, total: int) -> None:
             nonlocal mask_updates
@@ -526,8 +526,10 @@ def fine_tune(
     *,
     callbacks: TrainCallbacks | None = None,
     device: torch.device | None = None,
+    resume: TrainingState | None = None,
 ) -> TrainResult:
-    """Run a whole job from local JSONL files: load data and model, train, return the delta."""
+    """Run a whole job from local JSONL files: load data and model, train, return the delta
+    (`resume`: continue from a state an earlier run of the same job saved at a checkpoint)."""
     hyper = spec.hyperparameters
     source = resolve_model(spec.model, spec.task)
     train_examples = datasets.read_jsonl(spec.training_file, spec.task)
@@ -570,5 +572,5 @@ def fine_tune(
         train_features=tokenize(train_examples, "training_file"),
         eval_features=tokenize(eval_examples, "validation_file") if eval_examples else None,
         pad_token_id=tokenizer.pad_token_id, base_model=source.name, labels=labels,
-        callbacks=callbacks, device=device, chat_template=template,
+        callbacks=callbacks, device=device, chat_template=template, resume=resume,
     )

@@ -6,8 +6,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from api.core.storage import Storage
+from api.services.checkpoints import record_checkpoint
 from api.services.job_runs import json_safe
 from api.services.jobs import add_event, is_cancel_requested, record_eval, record_progress
+from speft_core.checkpoint import CheckpointReport, state_to_bytes
+from speft_core.delta import delta_to_bytes
 from speft_core.train import StepReport, TrainCallbacks
 from worker.heartbeat import ProgressClock
 
@@ -20,16 +24,19 @@ class JobRecorder:
     stops when it stands still for SPEFT_STALL_TIMEOUT_S)."""
 
     def __init__(self, session: Session, job_id: str, attempt: int,
-                 progress: ProgressClock | None = None) -> None:
+                 progress: ProgressClock | None = None, *, storage: Storage | None = None,
+                 keep_checkpoints: int | None = None) -> None:
         self.session, self.job_id, self.attempt = session, job_id, attempt
         self.progress = progress or ProgressClock()
+        self.storage, self.keep_checkpoints = storage, keep_checkpoints
         self.stop = False
         self.last_poll = float("-inf")
 
     def callbacks(self) -> TrainCallbacks:
         """The TrainCallbacks to hand to speft_core."""
         return TrainCallbacks(on_step=self.on_step, on_eval=self.on_eval,
-                              on_event=self.on_event, should_cancel=self.should_cancel)
+                              on_event=self.on_event, should_cancel=self.should_cancel,
+                              on_checkpoint=self.on_checkpoint if self.storage else None)
 
     def on_step(self, report: StepReport) -> None:
         """Progress, heartbeat and one train metric row, committed at once."""
@@ -50,6 +57,20 @@ class JobRecorder:
     def on_event(self, message: str, data: dict[str, Any]) -> None:
         """A free-form training event."""
         add_event(self.session, job_id=self.job_id, message=message, data=json_safe(data))
+        self.session.commit()
+        self.progress.touch()
+
+    def on_checkpoint(self, report: CheckpointReport) -> None:
+        """Store the checkpoint (delta, training state, metrics), prune, and log it."""
+        metrics = json_safe(report.metrics)
+        row = record_checkpoint(self.session, storage=self.storage, job_id=self.job_id,
+                                attempt=self.attempt, step=report.step, metrics=metrics,
+                                delta=delta_to_bytes(report.delta()),
+                                state=state_to_bytes(report.state()), keep=self.keep_checkpoints)
+        if row is not None:
+            add_event(self.session, job_id=self.job_id, message="checkpoint created",
+                      data={"checkpoint_id": row.id, "step": report.step, "metrics": metrics,
+                            "best_so_far": report.is_best})
         self.session.commit()
         self.progress.touch()
 

@@ -31,7 +31,7 @@ from api.core.models import Job
 from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, CeleryEnqueuer
 from api.core.storage import Storage, open_storage
 from api.core.unit_of_work import rollback_and_undo, unit_of_work
-from api.services import job_runs
+from api.services import checkpoints, job_runs
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
@@ -87,9 +87,12 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
         storage = get_storage()
         with job_runs.local_inputs(session, storage=storage, job_id=job_id,
                                    cache_dir=get_settings().model_cache_dir) as (spec, device):
-            result = fine_tune(spec, device=device,
-                               callbacks=JobRecorder(session, job_id, attempt,
-                                                     progress).callbacks())
+            resume = checkpoints.latest_state(session, storage=storage, job_id=job_id)
+            session.commit()
+            recorder = JobRecorder(session, job_id, attempt, progress, storage=storage,
+                                   keep_checkpoints=spec.hyperparameters.keep_checkpoints)
+            result = fine_tune(spec, device=device, callbacks=recorder.callbacks(),
+                               resume=resume)
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
                                  spec=spec, result=result)
     except TrainingCancelled:

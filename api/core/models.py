@@ -351,6 +351,39 @@ class JobMetric(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class Checkpoint(Base):
+    """A job's delta at one step (`ftckpt-…`), servable and downloadable like an adapter; the
+    `.safetensors` bytes are at `storage_key`, the training state the job resumes from beside
+    them (`state_key_for`)."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"), Index(None, "tenant_id", "job_id"))
+
+    id: Mapped[str] = _id("ftckpt")
+    tenant_id: Mapped[str] = _tenant_fk()
+    job_id: Mapped[str] = mapped_column(String(ID_LENGTH), ForeignKey("jobs.id"))
+    base_model: Mapped[str] = mapped_column(String(128), ForeignKey("base_models.id"))
+    step: Mapped[int]
+    attempt: Mapped[int]
+    metrics: Mapped[dict[str, Any]]
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    deleted_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]
+
+    @staticmethod
+    def state_key_for(storage_key: str) -> str:
+        """Where the training state of the checkpoint whose delta is at `storage_key` lives."""
+        return storage_key.removesuffix(".safetensors") + ".state"
+
+    @staticmethod
+    def companion_keys(storage_key: str) -> list[str]:
+        """Objects deleted with the delta: the training state."""
+        return [Checkpoint.state_key_for(storage_key)]
+
+
 class Adapter(Base):
     """A trained sparse delta: metadata here, the `.safetensors` bytes in storage."""
 

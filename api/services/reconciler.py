@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
-from api.core.models import Adapter, File, Job, JobStatus, utcnow
+from api.core.models import Adapter, Checkpoint, File, Job, JobStatus, utcnow
 from api.core.storage import Storage
 from api.services import jobs, stored_objects
 
@@ -115,6 +115,6 @@ def sweep_orphan_objects(session: Session, *, storage: Storage, now: datetime | 
     """Delete the stored bytes of files and adapters deleted more than `grace_s` ago and never
     purged, and mark them purged; the caller commits. Returns their ids."""
     deleted_before = (now or utcnow()) - timedelta(seconds=grace_s)
-    return [object_id for model in (File, Adapter)
+    return [object_id for model in (File, Adapter, Checkpoint)
             for object_id in stored_objects.purge_deleted(
                 session, storage, model, deleted_before=deleted_before, limit=SWEEP_LIMIT)]

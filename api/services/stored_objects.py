@@ -83,7 +83,9 @@ def purge(session: Session, storage: Storage, model: type[Row], *, object_id: st
     """Delete a deleted row's stored bytes (a missing object is fine) and mark it purged; the
     caller commits."""
     table: Any = model
-    storage.delete(storage_key)
+    companions = getattr(table, "companion_keys", lambda key: [])(storage_key)
+    for key in (storage_key, *companions):
+        storage.delete(key)
     session.execute(update(table).where(table.id == object_id).values(purged_at=utcnow()))
 
 

@@ -23,6 +23,7 @@ from typing import IO
 
 import httpx
 import pytest
+import torch
 from sqlalchemy import func, select
 
 from api.core.config import Settings
@@ -33,7 +34,7 @@ from api.core.storage import LocalStorage
 from api.services.job_runs import adapter_id_for, attempt_key
 from speft_core.delta import load_delta
 from speft_core.models import load_tokenizer, resolve_model
-from tests.fixtures.jobs import Service
+from tests.fixtures.jobs import SPEC, Service
 from tests.fixtures.processes import (
     RedisServer,
     kill,
@@ -196,6 +197,39 @@ def test_a_job_survives_its_worker_being_killed_five_times(cluster: Cluster) -> 
     events = cluster.events(job_id)
     assert sum("re-queued" in e and "stopped heart-beating" in e for e in events) == KILLS
     assert events.count("job succeeded") == 1
+
+
+def test_a_killed_job_resumes_from_its_last_checkpoint_and_ends_as_an_unkilled_one(
+        cluster: Cluster) -> None:
+    """SIGKILL the worker after the step-6 checkpoint: the next worker resumes from step 6
+    (not 0), and the adapter equals, bit for bit, that of the same job run without a kill."""
+    lines = cluster.service.sst2("train", 16 * TRAIN_STEPS)
+    hyper = {**SPEC["hyperparameters"], "checkpoint_every_steps": 3}
+    killed, calm = (cluster.service.make_job(lines, hyperparameters=hyper) for _ in range(2))
+    cluster.enqueue(killed)
+    worker = cluster.start_worker()
+    cluster.wait_for(killed, _running_at(8, 1), "running past the step-6 checkpoint")
+    kill(worker)
+    cluster.start_worker()
+    job = cluster.wait_for(killed, lambda j: j.status in TERMINAL, "terminal")
+    assert job.status == JobStatus.SUCCEEDED, (job.error_code, job.error_message, cluster.output())
+    assert job.attempts == 2 and job.progress_step == TRAIN_STEPS
+    events = cluster.events(killed)
+    resumed = [e for e in events if e.startswith("resumed from step")]
+    assert resumed in (["resumed from step 6"], ["resumed from step 9"]), events
+    cluster.enqueue(calm)
+    other = cluster.wait_for(calm, lambda j: j.status in TERMINAL, "terminal")
+    assert other.status == JobStatus.SUCCEEDED and other.attempts == 1
+    deltas = []
+    for finished in (job, other):
+        with cluster.service.sessions() as session:
+            row = session.get(Adapter, finished.adapter_id)
+        deltas.append(load_delta(cluster.service.storage.get(row.storage_key, sha256=row.sha256)))
+    for name, (indices, values) in deltas[1].modules.items():
+        assert torch.equal(deltas[0].modules[name][0], indices), name
+        assert torch.equal(deltas[0].modules[name][1], values), name
+    for name, tensor in deltas[1].extras.items():
+        assert torch.equal(deltas[0].extras[name], tensor), name
 
 
 def test_no_job_stays_queued_when_redis_restarts_with_jobs_queued_and_running(

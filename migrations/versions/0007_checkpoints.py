@@ -1,0 +1,60 @@
+"""Checkpoints: a job's delta at a step, its metrics, and the training state it resumes from.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-02
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "0007"
+down_revision: str | Sequence[str] | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+ID = sa.String(length=64)
+
+
+def _timestamp() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    """Create the checkpoints table."""
+    op.create_table(
+        "checkpoints",
+        sa.Column("id", ID, nullable=False),
+        sa.Column("tenant_id", ID, nullable=False),
+        sa.Column("job_id", ID, nullable=False),
+        sa.Column("base_model", sa.String(length=128), nullable=False),
+        sa.Column("step", sa.Integer(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("metrics", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()),
+                                                    "postgresql"), nullable=False),
+        sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("storage_key", sa.Text(), nullable=False),
+        sa.Column("created_at", _timestamp(), nullable=False),
+        sa.Column("deleted_at", _timestamp(), nullable=True),
+        sa.Column("purged_at", _timestamp(), nullable=True),
+        sa.ForeignKeyConstraint(["base_model"], ["base_models.id"],
+                                name=op.f("fk_checkpoints_base_model_base_models")),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_checkpoints_job_id_jobs")),
+        sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"],
+                                name=op.f("fk_checkpoints_tenant_id_tenants")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
+        sa.UniqueConstraint("job_id", "step", name=op.f("uq_checkpoints_job_id_step")),
+    )
+    op.create_index(op.f("ix_checkpoints_tenant_id_job_id"), "checkpoints",
+                    ["tenant_id", "job_id"])
+
+
+def downgrade() -> None:
+    """Drop the checkpoints table."""
+    op.drop_table("checkpoints")
