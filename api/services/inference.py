@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
-from api.core.models import Adapter, RegisteredModel
+from api.core.models import Adapter, Checkpoint, RegisteredModel
 from api.core.storage import ObjectNotFound, Storage
 from api.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from api.services import models, stored_objects
@@ -118,8 +118,8 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
         endpoint = "/v1/classifications" if model.task == "classification" else "/v1/completions"
         raise InvalidRequest(f"model {model_id!r} is a {model.task} model: use {endpoint}",
                              param="model")
-    rows = stored_objects.live_by_id(session, Adapter, tenant_id=tenant_id,
-                                     object_ids=[adapter_id for adapter_id, _ in parts])
+    rows = servable_by_id(session, tenant_id=tenant_id,
+                          object_ids=[adapter_id for adapter_id, _ in parts])
     for adapter_id, _ in parts:
         row = rows.get(adapter_id)
         if row is None:
@@ -139,6 +139,16 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
     return PreparedInference(engine, engine.compose(loaded), template)
 
 
+def servable_by_id(session: Session, *, tenant_id: str,
+                   object_ids: Sequence[str]) -> dict[str, Adapter | Checkpoint]:
+    """The tenant's live adapters and checkpoints among `object_ids` (both serve alike: a
+    delta file with its sha256 and base model), by id."""
+    return {**stored_objects.live_by_id(session, Adapter, tenant_id=tenant_id,
+                                        object_ids=object_ids),
+            **stored_objects.live_by_id(session, Checkpoint, tenant_id=tenant_id,
+                                        object_ids=object_ids)}
+
+
 def _model_and_parts(session: Session, *, tenant_id: str, model_id: str,
                      parts: Sequence[tuple[str, float]],
                      ) -> tuple[RegisteredModel, Sequence[tuple[str, float]]]:
@@ -147,8 +157,7 @@ def _model_and_parts(session: Session, *, tenant_id: str, model_id: str,
     model = session.get(RegisteredModel, model_id)
     if model is not None:
         return model, parts
-    named = stored_objects.live_by_id(session, Adapter, tenant_id=tenant_id,
-                                      object_ids=[model_id]).get(model_id)
+    named = servable_by_id(session, tenant_id=tenant_id, object_ids=[model_id]).get(model_id)
     if named is None:
         raise NotFound(f"no such model: {model_id}", param="model")
     if parts:
@@ -188,7 +197,7 @@ def check_input_chars(texts: Sequence[str], *, limit: int, param: str,
                                  f"{limit:,} (SPEFT_INFERENCE_MAX_INPUT_CHARS)", param=param)
 
 
-def load_adapter(engine: ServingEngine, storage: Storage, row: Adapter,
+def load_adapter(engine: ServingEngine, storage: Storage, row: Adapter | Checkpoint,
                  *, pin: bool = False) -> ServingAdapter:
     """The adapter resident in the engine, loaded from storage and verified on a miss."""
     try:

@@ -1,0 +1,82 @@
+"""A job's checkpoints through the API: listed in OpenAI's shape, pruned to keep_checkpoints
+(the best kept), downloaded, served by id like an adapter, deleted; the job's adapter is the
+best one. The job runs in-process through the worker's own run_job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from speft_core.delta import load_delta
+from tests.api.conftest import ClientFactory, RunJob
+from tests.api.test_jobs_api import ALICE, BOB, KEYS, upload
+
+
+def sst2(data_dir: Path, split: str, count: int) -> bytes:
+    return b"".join((data_dir / "sst2" / f"{split}.jsonl").read_bytes().splitlines(True)[:count])
+
+
+def test_checkpoints_are_listed_pruned_served_and_deleted(make_client: ClientFactory,
+                                                          run_job: RunJob, data_dir: Path):
+    client = make_client(api_keys=KEYS)
+    client.app.state.enqueue_job = lambda job_id, device: None
+    body = {"model": "minilm-l6", "training_file": upload(client, sst2(data_dir, "train", 64)),
+            "validation_file": upload(client, sst2(data_dir, "dev", 32)),
+            "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 2000,
+                                                  "scoring_examples": 16}},
+            "hyperparameters": {"n_epochs": 2, "batch_size": 16, "max_length": 32,
+                                "checkpoint_every_steps": 2, "keep_checkpoints": 2,
+                                "learning_rate": 3e-3}}
+    job_id = client.post("/v1/fine_tuning/jobs", json=body, headers=ALICE).json()["id"]
+    run_job(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ALICE).json()
+    assert job["status"] == "succeeded", job
+
+    listing = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=ALICE).json()
+    data = listing["data"]
+    steps = [c["step_number"] for c in data]
+    assert steps == sorted(steps, reverse=True) and steps[:2] == [8, 6]  # newest first
+    assert listing["first_id"] == data[0]["id"] and listing["last_id"] == data[-1]["id"]
+    for checkpoint in data:
+        assert checkpoint["object"] == "fine_tuning.job.checkpoint"
+        assert checkpoint["fine_tuning_job_id"] == job_id
+        assert checkpoint["fine_tuned_model_checkpoint"] == checkpoint["id"]
+        assert set(checkpoint["metrics"]) == {"train_loss", "valid_loss", "valid_accuracy"}
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=ALICE).json()["data"]
+    created = [e for e in events if e["message"] == "checkpoint created"]
+    assert [e["data"]["step"] for e in created] == [2, 4, 6, 8]
+    losses = {e["data"]["step"]: e["data"]["metrics"]["valid_loss"] for e in created}
+    best_step = min(losses, key=lambda step: (losses[step], step))
+    assert set(steps) == {8, 6, best_step}  # pruned to the newest two, plus the best
+    storage_root = Path(client.app.state.storage.root) / "checkpoints"
+    assert len(list(storage_root.glob("*.safetensors"))) == len(steps)
+    assert len(list(storage_root.glob("*.state"))) == len(steps)
+
+    # the job's adapter is the best checkpoint's delta (select: best is the default)
+    best = next(c for c in data if c["step_number"] == best_step)
+    content = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{best['id']}/content",
+                         headers=ALICE)
+    assert content.status_code == 200 and len(content.content) == best["bytes"]
+    adapter = load_delta(client.get(f"/v1/adapters/{job['fine_tuned_model']}/content",
+                                    headers=ALICE).content)
+    for name, (indices, values) in load_delta(content.content).modules.items():
+        assert torch.equal(adapter.modules[name][0], indices)
+        assert torch.equal(adapter.modules[name][1], values)
+
+    newest = data[0]["id"]
+    for field in ({"model": "minilm-l6", "adapter": newest}, {"model": newest}):
+        served = client.post("/v1/classifications", json={**field, "input": "a fine film"},
+                             headers=ALICE)
+        assert served.status_code == 200, served.text
+    assert client.post("/v1/classifications", json={"model": newest, "input": "x"},
+                       headers=BOB).status_code == 404  # another tenant's
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
+                      headers=BOB).status_code == 404
+
+    deleted = client.delete(f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{newest}", headers=ALICE)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    after = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=ALICE).json()
+    assert newest not in {c["id"] for c in after["data"]}
+    assert client.post("/v1/classifications", json={"model": newest, "input": "x"},
+                       headers=ALICE).status_code == 404
+    assert len(list(storage_root.glob("*"))) == 2 * (len(steps) - 1)  # delta and state gone
