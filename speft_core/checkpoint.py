@@ -175,6 +175,13 @@ class Checkpointer:
         self.on_checkpoint, self.on_event = on_checkpoint, on_event
         self.stopped_early = False
 
+    def pause(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int]) -> None:
+        """A checkpoint of where the run stands, without evaluation, for a pause."""
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(CheckpointReport(
+                step=step, total_steps=total, epoch=epoch, metrics={}, is_best=False,
+                delta=self.make_delta, state=lambda: self.make_state(step, *resume_at)))
+
     def take(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int],
              train_loss: float, evaluation: dict[str, float]) -> bool:
         """The checkpoint after `step` (of `epoch`; the next step is group `resume_at[1]` of

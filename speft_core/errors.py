@@ -70,3 +70,10 @@ class TrainingCancelled(SpeftError):
     """The cancel check returned True; training stopped between steps."""
 
     code = "cancelled"
+
+
+class TrainingPaused(SpeftError):
+    """The pause check returned True: a checkpoint with the training state was handed to the
+    checkpoint callback, then training stopped between steps."""
+
+    code = "paused"

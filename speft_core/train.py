@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .config import JobSpec, SpeftConfig, TrainConfig
 from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
-from .errors import ConfigError, DatasetFormatError, TrainingCancelled
+from .errors import ConfigError, DatasetFormatError, TrainingCancelled, TrainingPaused
 from .masks import MaskUpdate, choose_mask, drop_and_grow, normalise_per_module
 from .models import classification_head, load_model, load_tokenizer, resolve_model
 from .salience import SalienceInputs, compute_salience
@@ -62,6 +62,7 @@ class TrainCallbacks:
     on_event: Callable[[str, dict[str, Any]], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     on_checkpoint: Callable[[CheckpointReport], None] | None = None
+    should_pause: Callable[[], bool] | None = None  # checkpoint, then raise TrainingPaused
 
     def event(self, message: str, **data: Any) -> None:
         """Forward an event to the caller and the log."""
@@ -318,6 +319,10 @@ class _Trainer:
                 if epoch == first_epoch and index < skip:
                     continue  # trained before the resumed state was taken
                 self._check_cancel()
+                if checkpointer is not None and callbacks.should_pause and callbacks.should_pause():
+                    checkpointer.pause(step=step, total=total, epoch=epoch,
+                                       resume_at=(epoch, index))
+                    raise TrainingPaused(f"training paused on request after step {step}")
                 loss_sum = 0.0
                 for batch in group:
                     with _autocast(self.device):

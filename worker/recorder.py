@@ -6,10 +6,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from api.core.models import JobStatus
 from api.core.storage import Storage
+from api.core.unit_of_work import commit_and_run
 from api.services.checkpoints import record_checkpoint
 from api.services.job_runs import json_safe
-from api.services.jobs import add_event, is_cancel_requested, record_eval, record_progress
+from api.services.jobs import add_event, record_eval, record_progress, stop_requested
 from speft_core.checkpoint import CheckpointReport, state_to_bytes
 from speft_core.delta import delta_to_bytes
 from speft_core.train import StepReport, TrainCallbacks
@@ -29,14 +31,16 @@ class JobRecorder:
         self.session, self.job_id, self.attempt = session, job_id, attempt
         self.progress = progress or ProgressClock()
         self.storage, self.keep_checkpoints = storage, keep_checkpoints
-        self.stop = False
+        self.stop = False  # the attempt lost the job (it is no longer active, or not ours)
+        self.stop_for: JobStatus | None = None
         self.last_poll = float("-inf")
 
     def callbacks(self) -> TrainCallbacks:
         """The TrainCallbacks to hand to speft_core."""
         return TrainCallbacks(on_step=self.on_step, on_eval=self.on_eval,
                               on_event=self.on_event, should_cancel=self.should_cancel,
-                              on_checkpoint=self.on_checkpoint if self.storage else None)
+                              on_checkpoint=self.on_checkpoint if self.storage else None,
+                              should_pause=self.should_pause if self.storage else None)
 
     def on_step(self, report: StepReport) -> None:
         """Progress, heartbeat and one train metric row, committed at once."""
@@ -71,14 +75,23 @@ class JobRecorder:
             add_event(self.session, job_id=self.job_id, message="checkpoint created",
                       data={"checkpoint_id": row.id, "step": report.step, "metrics": metrics,
                             "best_so_far": report.is_best})
-        self.session.commit()
+        commit_and_run(self.session)  # settles the upload's undo and runs the prune's purges
         self.progress.touch()
+
+    def _poll(self) -> None:
+        """Reread the job's status every CANCEL_POLL_S: a cancel or a pause request stops it."""
+        now = time.monotonic()
+        if self.stop_for is None and now - self.last_poll >= CANCEL_POLL_S:
+            self.last_poll = now
+            self.stop_for = stop_requested(self.session, job_id=self.job_id)
+            self.session.commit()
 
     def should_cancel(self) -> bool:
         """True once the job is no longer active or a cancel was requested (read every few seconds)."""
-        now = time.monotonic()
-        if not self.stop and now - self.last_poll >= CANCEL_POLL_S:
-            self.last_poll = now
-            self.stop = is_cancel_requested(self.session, job_id=self.job_id)
-            self.session.commit()
-        return self.stop
+        self._poll()
+        return self.stop or self.stop_for == JobStatus.CANCEL_REQUESTED
+
+    def should_pause(self) -> bool:
+        """True once a pause was requested (read every few seconds)."""
+        self._poll()
+        return self.stop_for == JobStatus.PAUSE_REQUESTED

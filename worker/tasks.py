@@ -39,9 +39,10 @@ from api.services.jobs import (
     current_attempt,
     finish_cancelled,
     finish_failed,
+    finish_paused,
 )
 from api.services.reconciler import ReconcilePolicy, reconcile_jobs, sweep_orphan_objects
-from speft_core.errors import SpeftError, TrainingCancelled
+from speft_core.errors import SpeftError, TrainingCancelled, TrainingPaused
 from speft_core.train import fine_tune
 from worker.celery_app import app
 from worker.heartbeat import Heartbeat, ProgressClock
@@ -95,6 +96,12 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
                                resume=resume)
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
                                  spec=spec, result=result)
+    except TrainingPaused as err:
+        rollback_and_undo(session)
+        with unit_of_work(session):
+            step = session.scalar(select(Job.progress_step).where(Job.id == job_id)) or 0
+            finish_paused(session, job_id=job_id, step=step, attempt=attempt)
+        log.info("speft.job paused job_id=%s: %s", job_id, err.message)
     except TrainingCancelled:
         rollback_and_undo(session)
         with unit_of_work(session):

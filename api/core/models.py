@@ -68,6 +68,8 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     CANCEL_REQUESTED = "cancel_requested"
+    PAUSE_REQUESTED = "pause_requested"
+    PAUSED = "paused"
 
     @property
     def is_terminal(self) -> bool:

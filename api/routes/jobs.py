@@ -82,6 +82,27 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject
                                                          job_id=job_id))
 
 
+@router.post("/{job_id}/pause", response_model=JobObject, responses=error_responses(404, 409))
+def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+    """Pause a job: at once if queued, else `pause_requested` until its worker has saved a
+    checkpoint and stopped (then `paused`); 409 unless queued or running."""
+    return JobObject.model_validate(job_reads.pause_job(session, tenant_id=tenant.id,
+                                                        job_id=job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobObject, responses=error_responses(404, 409))
+def resume_job(job_id: str, request: Request, session: SessionDep,
+               tenant: TenantDep) -> JobObject:
+    """Resume a paused job: queued again, it continues from its newest checkpoint (a pending
+    pause is withdrawn instead); 409 unless paused or pausing."""
+    job, send = job_reads.resume_job(session, tenant_id=tenant.id, job_id=job_id)
+    if send:
+        enqueue = request.app.state.enqueue_job
+        after_commit(session, lambda: job_creation.enqueue_created_job(session, enqueue=enqueue,
+                                                                       job=job))
+    return JobObject.model_validate(job)
+
+
 @router.get("/{job_id}/events", response_model=JobEventList, responses=error_responses(404))
 def list_job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventList:
     """The job's events, oldest first."""

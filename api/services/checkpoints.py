@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.models import Checkpoint, Job, JobStatus, new_id
+from api.core.models import Checkpoint, Job, new_id
 from api.core.storage import ObjectNotFound, Storage
 from api.core.unit_of_work import after_rollback
 from api.errors import NotFound
 from api.services import stored_objects
 from api.services.job_reads import get_job
+from api.services.jobs import ACTIVE_STATUSES
 from speft_core.checkpoint import TrainingState, state_from_bytes
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     """Store a checkpoint of the running attempt and prune beyond `keep` (flushed; the caller
     commits). None, with nothing left stored, when the job is no longer on `attempt`."""
     job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.RUNNING or job.attempts != attempt:
+    if job is None or job.status not in ACTIVE_STATUSES or job.attempts != attempt:
         return None
     checkpoint_id = new_id("ftckpt")
     key = checkpoint_key(checkpoint_id)

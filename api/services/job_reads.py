@@ -64,6 +64,34 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+def pause_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Pause the tenant's job: at once when queued, else `pause_requested` (its worker saves a
+    checkpoint and stops at the next step); Conflict unless it is queued or running."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.status in (JobStatus.PAUSED, JobStatus.PAUSE_REQUESTED):
+        return job
+    if not jobs.request_pause(session, job_id=job_id):
+        session.refresh(job)
+        raise Conflict(f"job {job_id} is {job.status.value}; only a queued or running job can "
+                       "be paused", param="job_id")
+    session.refresh(job)
+    return job
+
+
+def resume_job(session: Session, *, tenant_id: str, job_id: str) -> tuple[Job, bool]:
+    """Resume the tenant's paused job (queued again: send it after the commit; it continues
+    from its newest checkpoint) or withdraw a pending pause; (job, whether to send it).
+    Conflict when it is neither paused nor pausing."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    was_paused = job.status == JobStatus.PAUSED
+    if not jobs.request_resume(session, job_id=job_id):
+        session.refresh(job)
+        raise Conflict(f"job {job_id} is {job.status.value}; only a paused job can be resumed",
+                       param="job_id")
+    session.refresh(job)
+    return job, was_paused
+
+
 def list_events(session: Session, *, tenant_id: str, job_id: str) -> list[JobEvent]:
     """The tenant's job's events, oldest first."""
     get_job(session, tenant_id=tenant_id, job_id=job_id)

@@ -46,7 +46,8 @@ EVENT_MESSAGE = "message"
 EVENT_METRICS = "metrics"
 
 NON_TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(set(JobStatus) - TERMINAL_STATUSES)
-ACTIVE_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED})
+ACTIVE_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED,
+                                                   JobStatus.PAUSE_REQUESTED})
 EVAL_COLUMNS = ("eval_loss", "eval_accuracy")
 
 
@@ -224,19 +225,66 @@ def mark_resent(session: Session, *, job_id: str, sent_before: datetime) -> bool
 
 
 def request_cancel(session: Session, *, job_id: str) -> bool:
-    """validating_files|queued → cancelled at once; running → cancel_requested; else False."""
+    """validating_files|queued|paused → cancelled at once; running|pause_requested →
+    cancel_requested; else False."""
     if _transition(session, job_id,
-                   from_statuses={JobStatus.VALIDATING_FILES, JobStatus.QUEUED},
+                   from_statuses={JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.PAUSED},
                    to_status=JobStatus.CANCELLED, message="job cancelled", finished_at=utcnow()):
         return True
-    return _transition(session, job_id, from_statuses={JobStatus.RUNNING},
+    return _transition(session, job_id,
+                       from_statuses={JobStatus.RUNNING, JobStatus.PAUSE_REQUESTED},
                        to_status=JobStatus.CANCEL_REQUESTED, message="cancellation requested")
 
 
-def is_cancel_requested(session: Session, *, job_id: str) -> bool:
-    """Whether the job's worker should stop: cancel requested, or the job already cancelled."""
+def request_pause(session: Session, *, job_id: str) -> bool:
+    """queued → paused at once; running → pause_requested (its worker checkpoints and stops
+    at the next step); else False."""
+    if _transition(session, job_id, from_statuses={JobStatus.QUEUED}, to_status=JobStatus.PAUSED,
+                   message="job paused"):
+        return True
+    return _transition(session, job_id, from_statuses={JobStatus.RUNNING},
+                       to_status=JobStatus.PAUSE_REQUESTED, message="pause requested")
+
+
+def request_resume(session: Session, *, job_id: str) -> bool:
+    """paused → queued (the caller sends it after the commit; it resumes from its newest
+    checkpoint); pause_requested → running (the pause is withdrawn); else False."""
+    if _transition(session, job_id, from_statuses={JobStatus.PAUSED}, to_status=JobStatus.QUEUED,
+                   message="job resumed: queued", enqueued_at=utcnow()):
+        return True
+    return _transition(session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED},
+                       to_status=JobStatus.RUNNING, message="pause withdrawn")
+
+
+def finish_paused(session: Session, *, job_id: str, step: int, attempt: int | None = None) -> bool:
+    """pause_requested → paused, once its worker checkpointed and stopped."""
+    return _transition(session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED},
+                       to_status=JobStatus.PAUSED, message=f"job paused at step {step}",
+                       data={"step": step}, when=_lease(attempt), worker=None,
+                       heartbeat_at=None)
+
+
+def pause_stale_job(session: Session, *, job_id: str, stale_before: datetime) -> bool:
+    """pause_requested → paused when its worker died before it could stop (the job resumes
+    from its newest periodic checkpoint)."""
+    return _transition(
+        session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED}, to_status=JobStatus.PAUSED,
+        message="job paused (its worker stopped)", when=[stale_condition(stale_before)],
+        worker=None, heartbeat_at=None)
+
+
+def stop_requested(session: Session, *, job_id: str) -> JobStatus | None:
+    """Why the job's worker should stop: CANCEL_REQUESTED (or CANCELLED) or PAUSE_REQUESTED;
+    None to carry on."""
     status = session.scalar(select(Job.status).where(Job.id == job_id))
-    return status in (JobStatus.CANCEL_REQUESTED, JobStatus.CANCELLED)
+    if status in (JobStatus.CANCEL_REQUESTED, JobStatus.CANCELLED):
+        return JobStatus.CANCEL_REQUESTED
+    return JobStatus.PAUSE_REQUESTED if status == JobStatus.PAUSE_REQUESTED else None
+
+
+def is_cancel_requested(session: Session, *, job_id: str) -> bool:
+    """Whether the job's worker should stop for good: cancel requested, or already cancelled."""
+    return stop_requested(session, job_id=job_id) == JobStatus.CANCEL_REQUESTED
 
 
 def finish_succeeded(
@@ -257,7 +305,8 @@ def finish_succeeded(
     """running → succeeded, creating the job's Adapter row in the same transaction."""
     owner = session.execute(select(Job.tenant_id, Job.model).where(Job.id == job_id)).first()
     if owner is None or not _transition(
-        session, job_id, from_statuses={JobStatus.RUNNING}, to_status=JobStatus.SUCCEEDED,
+        session, job_id, from_statuses={JobStatus.RUNNING, JobStatus.PAUSE_REQUESTED},
+        to_status=JobStatus.SUCCEEDED,
         message="job succeeded", data={"adapter_id": adapter_id}, when=_lease(attempt),
         finished_at=utcnow(), adapter_id=adapter_id, trainable_params=trainable_params,
     ):

@@ -89,6 +89,8 @@ def reconcile_jobs(session: Session, *, policy: ReconcilePolicy,
         if status == JobStatus.CANCEL_REQUESTED:
             if jobs.cancel_stale_job(session, job_id=job_id, stale_before=stale_before):
                 done.cancelled.append(job_id)
+        elif status == JobStatus.PAUSE_REQUESTED:
+            jobs.pause_stale_job(session, job_id=job_id, stale_before=stale_before)
         elif attempts < policy.max_attempts:
             if jobs.requeue_stale_job(session, job_id=job_id, stale_before=stale_before,
                                       reason=f"{reason}; attempt {attempts + 1} of "

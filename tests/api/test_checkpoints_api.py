@@ -80,3 +80,55 @@ def test_checkpoints_are_listed_pruned_served_and_deleted(make_client: ClientFac
     assert client.post("/v1/classifications", json={"model": newest, "input": "x"},
                        headers=ALICE).status_code == 404
     assert len(list(storage_root.glob("*"))) == 2 * (len(steps) - 1)  # delta and state gone
+
+
+def test_pause_checkpoints_and_stops_and_resume_continues_to_the_same_adapter(
+        make_client: ClientFactory, run_job: RunJob, data_dir: Path, monkeypatch):
+    from worker import recorder
+
+    client = make_client(api_keys=KEYS)
+    client.app.state.enqueue_job = lambda job_id, device: None
+    monkeypatch.setattr(recorder, "CANCEL_POLL_S", 0.0)
+    body = {"model": "minilm-l6", "training_file": upload(client, sst2(data_dir, "train", 64)),
+            "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 2000,
+                                                  "scoring_examples": 16}},
+            "hyperparameters": {"n_epochs": 2, "batch_size": 16, "max_length": 32}}
+    paused_id, calm_id = (client.post("/v1/fine_tuning/jobs", json=body, headers=ALICE).json()["id"]
+                          for _ in range(2))
+    on_step = recorder.JobRecorder.on_step
+
+    def pause_at_step_3(self, report):
+        on_step(self, report)
+        if self.job_id == paused_id and report.step == 3:
+            answer = client.post(f"/v1/fine_tuning/jobs/{paused_id}/pause", headers=ALICE)
+            assert answer.json()["status"] == "pause_requested", answer.text
+
+    monkeypatch.setattr(recorder.JobRecorder, "on_step", pause_at_step_3)
+    run_job(paused_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{paused_id}", headers=ALICE).json()
+    assert job["status"] == "paused", job
+    steps = [c["step_number"] for c in client.get(
+        f"/v1/fine_tuning/jobs/{paused_id}/checkpoints", headers=ALICE).json()["data"]]
+    assert steps == [3]  # the pause's checkpoint (the epoch's would be at step 4)
+    assert client.post(f"/v1/fine_tuning/jobs/{paused_id}/pause",
+                       headers=ALICE).json()["status"] == "paused"  # idempotent
+    assert client.post(f"/v1/fine_tuning/jobs/{calm_id}/resume",
+                       headers=ALICE).status_code == 409  # queued, not paused
+
+    resumed = client.post(f"/v1/fine_tuning/jobs/{paused_id}/resume", headers=ALICE)
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued", resumed.text
+    run_job(paused_id)
+    run_job(calm_id)
+    jobs = [client.get(f"/v1/fine_tuning/jobs/{j}", headers=ALICE).json()
+            for j in (paused_id, calm_id)]
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+    events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{paused_id}/events",
+                                               headers=ALICE).json()["data"]]
+    assert "job paused at step 3" in events and "resumed from step 3" in events
+    deltas = [load_delta(client.get(f"/v1/adapters/{j['fine_tuned_model']}/content",
+                                    headers=ALICE).content) for j in jobs]
+    for name, (indices, values) in deltas[1].modules.items():
+        assert torch.equal(deltas[0].modules[name][0], indices)
+        assert torch.equal(deltas[0].modules[name][1], values)
+    assert client.post(f"/v1/fine_tuning/jobs/{paused_id}/pause",
+                       headers=ALICE).status_code == 409  # finished
