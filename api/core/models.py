@@ -266,6 +266,7 @@ class Job(Base):
     progress_total: Mapped[int | None]
     trainable_params: Mapped[int | None] = mapped_column(BigInteger)
     adapter_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    result_step: Mapped[int | None]  # the step the adapter's delta was taken at
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 

@@ -176,6 +176,9 @@ class JobObject(PublicModel):
     hyperparameters: dict[str, Any]
     trainable_params: int | None = None
     adapter_id: str | None = None
+    result_step: int | None = Field(
+        default=None, description="the step the adapter's delta was taken at: the best "
+        "checkpoint's (hyperparameters.select 'best', with a validation file) or the last")
     error: JobError | None = None
     progress: JobProgress = Field(default_factory=JobProgress)
     suffix: str | None = None

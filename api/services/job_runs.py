@@ -138,6 +138,7 @@ def publish_adapter(session: Session, *, storage: Storage, job_id: str, attempt:
             nnz=result.delta.nnz, density=float(spec.speft.density), metric=spec.speft.metric,
             bytes=stored.size, sha256=stored.sha256, eval=json_safe(result.eval),
             trainable_params=result.trainable_params, attempt=attempt,
+            result_step=result.best_step or result.steps,
         )
         if succeeded:  # killed attempts' uploads
             after_commit(session, lambda: delete_attempt_objects(storage, adapter_id,

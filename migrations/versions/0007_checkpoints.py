@@ -1,4 +1,5 @@
-"""Checkpoints: a job's delta at a step, its metrics, and the training state it resumes from.
+"""Checkpoints: a job's delta at a step, its metrics, and the training state it resumes from;
+and the step a job's adapter was taken at (`jobs.result_step`: the best checkpoint's, or the last).
 
 Revision ID: 0007
 Revises: 0006
@@ -53,8 +54,12 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_checkpoints_tenant_id_job_id"), "checkpoints",
                     ["tenant_id", "job_id"])
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("result_step", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
-    """Drop the checkpoints table."""
+    """Drop the checkpoints table and jobs.result_step."""
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("result_step")
     op.drop_table("checkpoints")

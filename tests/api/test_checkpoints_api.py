@@ -48,6 +48,7 @@ def test_checkpoints_are_listed_pruned_served_and_deleted(make_client: ClientFac
     losses = {e["data"]["step"]: e["data"]["metrics"]["valid_loss"] for e in created}
     best_step = min(losses, key=lambda step: (losses[step], step))
     assert set(steps) == {8, 6, best_step}  # pruned to the newest two, plus the best
+    assert job["result_step"] == best_step
     storage_root = Path(client.app.state.storage.root) / "checkpoints"
     assert len(list(storage_root.glob("*.safetensors"))) == len(steps)
     assert len(list(storage_root.glob("*.state"))) == len(steps)

@@ -125,8 +125,8 @@ def test_cli_registers_a_storage_key_then_the_api_lists_it(env, stories_dir, mak
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row == {"id": "archived-llama", "object": "model", "task": "causal_lm",
-                   "params": STORIES_PARAMS, "path": None, "storage_key": KEY,
-                   "sha256": stored.sha256}
+                   "params": STORIES_PARAMS, "dtype": "auto", "path": None,
+                   "storage_key": KEY, "sha256": stored.sha256}
     assert (env / "model-cache" / stored.sha256 / "model.safetensors").is_file()
     client = make_client(database_url=f"sqlite:///{env / 'speft.db'}")
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}

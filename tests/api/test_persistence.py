@@ -235,7 +235,7 @@ def test_timestamps_are_stored_in_utc(db_sessions: sessionmaker[Session]) -> Non
 
 @pytest.mark.parametrize(("fields", "error", "match"), [
     ({"started_at": datetime(2026, 1, 1)}, StatementError, "naive datetime"),
-    ({"status": "paused"}, StatementError, "paused"),
+    ({"status": "sleeping"}, StatementError, "sleeping"),
     ({"training_file": "file-missing"}, IntegrityError, None),  # foreign keys on, also on SQLite
 ], ids=["naive-datetime", "unknown-status", "missing-file"])
 def test_invalid_job_rows_are_refused(
