@@ -80,6 +80,7 @@ class TrainingState:
     scoring_round: int = 0
     mask_updates: int = 0
     best: BestSoFar = field(default_factory=BestSoFar)
+    trained_tokens: int = 0
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
@@ -111,6 +112,7 @@ def state_to_bytes(state: TrainingState) -> bytes:
         "values": _cpu(state.values), "head": _cpu(state.head),
         "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng,
         "scoring_round": state.scoring_round, "mask_updates": state.mask_updates,
+        "trained_tokens": state.trained_tokens,
         "best": {"step": best.step, "loss": best.loss, "stale": best.stale,
                  "masks": _cpu(best.masks), "values": _cpu(best.values), "head": _cpu(best.head)},
     }
@@ -134,6 +136,7 @@ def state_from_bytes(data: bytes) -> TrainingState:
         masks=payload["masks"], values=payload["values"], head=payload["head"],
         optimizer=payload["optimizer"], scheduler=payload["scheduler"], rng=payload["rng"],
         scoring_round=payload["scoring_round"], mask_updates=payload["mask_updates"],
+        trained_tokens=payload.get("trained_tokens", 0),
         best=BestSoFar(step=best["step"], loss=best["loss"], stale=best["stale"],
                        masks=best["masks"], values=best["values"], head=best["head"]))
 

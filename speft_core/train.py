@@ -51,6 +51,7 @@ class StepReport:
     train_loss: float
     lr: float
     grad_norm: float
+    tokens: int = 0  # tokens trained on so far (attention-mask ones over every step's batches)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class TrainResult:
     seconds: float = 0.0
     best_step: int | None = None  # the checkpoint whose delta this is, with `select: best`
     stopped_early: bool = False
+    trained_tokens: int = 0
 
 
 def default_device() -> torch.device:
@@ -126,6 +128,7 @@ class _Trainer:
         self.scoring_round = 0
         self.best_step: int | None = None
         self.stopped_early = False
+        self.trained_tokens = 0
 
     # -- data -----------------------------------------------------------------------------
     def _batches(self, features, *, shuffle: bool, seed: int, size: int | None = None):
@@ -258,7 +261,7 @@ class _Trainer:
                                  values=values, head=head, optimizer=optimizer.state_dict(),
                                  scheduler=scheduler.state_dict(), rng=capture_rng(),
                                  scoring_round=self.scoring_round, mask_updates=mask_updates,
-                                 best=checkpointer.best)
+                                 best=checkpointer.best, trained_tokens=self.trained_tokens)
 
         checkpointer = Checkpointer(
             steps=[], best=resume.best if resume else BestSoFar(), select=self.hyper.select,
@@ -311,6 +314,7 @@ class _Trainer:
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr  # building the scheduler reset them to step 0's
             step, first_epoch, skip = resume.step, resume.epoch, resume.groups_done
+            self.trained_tokens = resume.trained_tokens
             restore_rng(resume.rng)
         metrics: dict[str, float] = {}
         self.model.train()
@@ -324,6 +328,7 @@ class _Trainer:
                                        resume_at=(epoch, index))
                     raise TrainingPaused(f"training paused on request after step {step}")
                 loss_sum = 0.0
+                self.trained_tokens += sum(int(b["attention_mask"].sum()) for b in group)
                 for batch in group:
                     with _autocast(self.device):
                         loss = batch_loss(self.model, batch, self.task) / len(group)
@@ -339,7 +344,8 @@ class _Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if callbacks.on_step is not None:
-                    callbacks.on_step(StepReport(step, total, epoch, loss_sum, lr, grad_norm))
+                    callbacks.on_step(StepReport(step, total, epoch, loss_sum, lr, grad_norm,
+                                                 self.trained_tokens))
                 if after_step is not None:
                     after_step(step, total)
                 if step not in evaluate_at:
@@ -494,7 +500,7 @@ def train_sparse(
                        trainable_params=delta.nnz + sum(e.numel() for e in delta.extras.values()),
                        steps=steps, mask_updates=mask_updates,
                        seconds=time.perf_counter() - started, best_step=trainer.best_step,
-                       stopped_early=trainer.stopped_early)
+                       stopped_early=trainer.stopped_early, trained_tokens=trainer.trained_tokens)
 
 
 def train_parameters(

@@ -1,12 +1,14 @@
 """Training callbacks that record a running attempt: progress, metrics, events, cancel polls."""
 from __future__ import annotations
 
+import statistics
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.core.models import JobStatus
+from api.core.models import JobStatus, utcnow
 from api.core.storage import Storage
 from api.core.unit_of_work import commit_and_run
 from api.services.checkpoints import record_checkpoint
@@ -20,6 +22,30 @@ from worker.heartbeat import ProgressClock
 CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
 
 
+class StepRate:
+    """This attempt's measured step rate, and when the job will finish at that rate: the
+    median of the recent steps' durations (a slow first step, which includes warm-up, or one
+    stall does not swing it)."""
+
+    WINDOW = 50
+
+    def __init__(self) -> None:
+        self.last: tuple[int, float] | None = None
+        self.durations: list[float] = []
+
+    def estimate(self, step: int, total: int) -> datetime | None:
+        """The finish time once two steps have been seen, else None."""
+        now = time.monotonic()
+        if self.last is not None and step > self.last[0]:
+            self.durations.append((now - self.last[1]) / (step - self.last[0]))
+            self.durations = self.durations[-self.WINDOW:]
+        self.last = (step, now)
+        if not self.durations:
+            return None
+        per_step = statistics.median(self.durations)
+        return utcnow() + timedelta(seconds=per_step * max(0, total - step))
+
+
 class JobRecorder:
     """Training callbacks that write progress, metrics and events to the job and poll for cancel;
     each step, evaluation and event also moves the attempt's `progress` clock (the heartbeat
@@ -31,6 +57,7 @@ class JobRecorder:
         self.session, self.job_id, self.attempt = session, job_id, attempt
         self.progress = progress or ProgressClock()
         self.storage, self.keep_checkpoints = storage, keep_checkpoints
+        self.rate = StepRate()
         self.stop = False  # the attempt lost the job (it is no longer active, or not ours)
         self.stop_for: JobStatus | None = None
         self.last_poll = float("-inf")
@@ -47,7 +74,9 @@ class JobRecorder:
         active = record_progress(self.session, job_id=self.job_id, step=report.step,
                                  total=report.total_steps, train_loss=report.train_loss,
                                  lr=report.lr, grad_norm=report.grad_norm,
-                                 attempt=self.attempt)
+                                 attempt=self.attempt, trained_tokens=report.tokens,
+                                 estimated_finish=self.rate.estimate(report.step,
+                                                                     report.total_steps))
         self.session.commit()
         self.progress.touch()
         self.stop = self.stop or not active

@@ -267,6 +267,8 @@ class Job(Base):
     trainable_params: Mapped[int | None] = mapped_column(BigInteger)
     adapter_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     result_step: Mapped[int | None]  # the step the adapter's delta was taken at
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    estimated_finish: Mapped[datetime | None]  # from this attempt's measured step rate
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 

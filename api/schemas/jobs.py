@@ -176,6 +176,11 @@ class JobObject(PublicModel):
     hyperparameters: dict[str, Any]
     trainable_params: int | None = None
     adapter_id: str | None = None
+    trained_tokens: int = Field(0, description="tokens trained on so far (non-padding, every "
+                                "step's batches; a resumed job counts those before the pause)")
+    estimated_finish: UnixTime | None = Field(
+        default=None, description="when the running job should finish, from its measured step "
+        "rate (median of recent steps); null before two steps and once it has finished")
     result_step: int | None = Field(
         default=None, description="the step the adapter's delta was taken at: the best "
         "checkpoint's (hyperparameters.select 'best', with a validation file) or the last")

@@ -261,7 +261,7 @@ def finish_paused(session: Session, *, job_id: str, step: int, attempt: int | No
     return _transition(session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED},
                        to_status=JobStatus.PAUSED, message=f"job paused at step {step}",
                        data={"step": step}, when=_lease(attempt), worker=None,
-                       heartbeat_at=None)
+                       heartbeat_at=None, estimated_finish=None)
 
 
 def pause_stale_job(session: Session, *, job_id: str, stale_before: datetime) -> bool:
@@ -310,7 +310,7 @@ def finish_succeeded(
         to_status=JobStatus.SUCCEEDED,
         message="job succeeded", data={"adapter_id": adapter_id}, when=_lease(attempt),
         finished_at=utcnow(), adapter_id=adapter_id, trainable_params=trainable_params,
-        result_step=result_step,
+        result_step=result_step, estimated_finish=None,
     ):
         return False
     session.add(Adapter(
@@ -330,7 +330,7 @@ def finish_failed(
     return _transition(
         session, job_id, from_statuses=NON_TERMINAL_STATUSES, to_status=JobStatus.FAILED,
         message=f"job failed: {message}", level="error", data={"code": code, "param": param},
-        when=_lease(attempt),
+        when=_lease(attempt), estimated_finish=None,
         finished_at=utcnow(), error_code=code, error_message=message, error_param=param,
     )
 
@@ -339,7 +339,7 @@ def finish_cancelled(session: Session, *, job_id: str, attempt: int | None = Non
     """cancel_requested|running → cancelled."""
     return _transition(session, job_id, from_statuses=ACTIVE_STATUSES,
                        to_status=JobStatus.CANCELLED, message="job cancelled",
-                       when=_lease(attempt), finished_at=utcnow())
+                       when=_lease(attempt), finished_at=utcnow(), estimated_finish=None)
 
 
 def _upsert_metric(session: Session, *, job_id: str, kind: MetricKind, step: int,
@@ -363,13 +363,17 @@ def record_progress(
     lr: float,
     grad_norm: float,
     attempt: int | None = None,
+    trained_tokens: int | None = None,
+    estimated_finish: datetime | None = None,
 ) -> bool:
-    """Store a training step (progress, heartbeat, one train metric row); False if the job is not
-    active (or no longer on `attempt`)."""
+    """Store a training step (progress, heartbeat, tokens, estimated finish, one train metric
+    row); False if the job is not active (or no longer on `attempt`)."""
+    extra = {} if trained_tokens is None else {"trained_tokens": trained_tokens}
     active = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), *_lease(attempt))
-        .values(progress_step=step, progress_total=total, heartbeat_at=utcnow())
+        .values(progress_step=step, progress_total=total, heartbeat_at=utcnow(),
+                estimated_finish=estimated_finish, **extra)
         .execution_options(synchronize_session=False)
     ).rowcount == 1
     if active:

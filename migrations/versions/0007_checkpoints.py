@@ -1,5 +1,6 @@
 """Checkpoints: a job's delta at a step, its metrics, and the training state it resumes from;
-and the step a job's adapter was taken at (`jobs.result_step`: the best checkpoint's, or the last).
+the step a job's adapter was taken at (`jobs.result_step`: the best checkpoint's, or the last),
+the tokens it has trained on and its estimated finish.
 
 Revision ID: 0007
 Revises: 0006
@@ -56,10 +57,14 @@ def upgrade() -> None:
                     ["tenant_id", "job_id"])
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("result_step", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("trained_tokens", sa.BigInteger(), nullable=False,
+                                   server_default="0"))
+        batch.add_column(sa.Column("estimated_finish", _timestamp(), nullable=True))
 
 
 def downgrade() -> None:
     """Drop the checkpoints table and jobs.result_step."""
     with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("result_step")
+        for column in ("result_step", "trained_tokens", "estimated_finish"):
+            batch.drop_column(column)
     op.drop_table("checkpoints")

@@ -123,6 +123,9 @@ def test_pause_checkpoints_and_stops_and_resume_continues_to_the_same_adapter(
     jobs = [client.get(f"/v1/fine_tuning/jobs/{j}", headers=ALICE).json()
             for j in (paused_id, calm_id)]
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+    # 64 examples of up to 32 tokens, twice; the resumed job counts the paused attempt's too
+    assert 64 * 2 * 4 < jobs[0]["trained_tokens"] == jobs[1]["trained_tokens"] <= 64 * 2 * 32
+    assert jobs[0]["estimated_finish"] is None
     events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{paused_id}/events",
                                                headers=ALICE).json()["data"]]
     assert "job paused at step 3" in events and "resumed from step 3" in events

@@ -389,3 +389,15 @@ def test_events_are_progress_so_a_long_silent_phase_that_reports_them_keeps_its_
     tasks.run_job.run(job_id)
     assert beats == sorted(set(beats)) and len(beats) == 8, beats
     assert _stalled(service, job_id) == []
+
+
+def test_the_estimated_finish_follows_the_median_step_time(monkeypatch):
+    clock = iter([0.0, 10.0, 11.0, 12.0, 13.0, 14.0])  # a slow first step, then 1 s a step
+    monkeypatch.setattr(recorder.time, "monotonic", lambda: next(clock))
+    rate = recorder.StepRate()
+    assert rate.estimate(1, 100) is None  # one step seen: no rate yet
+    estimates = [rate.estimate(step, 100) for step in (2, 3, 4, 5)]
+    left = [(e - utcnow()).total_seconds() for e in estimates]
+    assert left[-1] == pytest.approx(95, abs=2)  # the median ignores the slow step
+    done = rate.estimate(6, 6)  # the last step: finishing now
+    assert abs((done - utcnow()).total_seconds()) < 1
