@@ -28,7 +28,7 @@ from .checkpoint import (
     checkpoint_steps,
     restore_rng,
 )
-from .config import JobSpec, SpeftConfig, TrainConfig
+from .config import JobSpec, SpeftConfig, TrainConfig, resolve_auto
 from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
 from .errors import ConfigError, DatasetFormatError, TrainingCancelled, TrainingPaused
 from .masks import MaskUpdate, choose_mask, drop_and_grow, normalise_per_module
@@ -462,6 +462,7 @@ def train_sparse(
     """
     callbacks = callbacks or TrainCallbacks()
     device = device or default_device()
+    hyper = resolve_auto(hyper, len(train_features))
     torch.manual_seed(hyper.seed)
     model.to(device)
     for p in model.parameters():
@@ -521,6 +522,7 @@ def train_parameters(
     moved to `device` first, and only those parameters change. Returns (steps, last eval).
     """
     device = device or default_device()
+    hyper = resolve_auto(hyper, len(train_features))
     torch.manual_seed(hyper.seed)
     model.to(device)
     trainer = _Trainer(model, task=task, speft=SpeftConfig(), hyper=hyper,

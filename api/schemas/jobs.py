@@ -77,10 +77,11 @@ SpeftSettings = documented(SpeftConfig, {
 }, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
           "then": {"properties": {"update_interval": {"minimum": 1}},
                    "required": ["update_interval"]}})
+_AUTO = {"type": "string", "const": "auto"}
 TrainSettings = documented(TrainConfig, {
-    "n_epochs": int_range(1, MAX_EPOCHS),
-    "batch_size": int_range(1, MAX_BATCH_SIZE),
-    "learning_rate": _LEARNING_RATE,
+    "n_epochs": {"anyOf": [int_range(1, MAX_EPOCHS), _AUTO]},
+    "batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), _AUTO]},
+    "learning_rate": {"anyOf": [_LEARNING_RATE, _AUTO]},
     "max_length": int_range(2, MAX_LENGTH),
     "seed": int_range(0, 2**32 - 1),
     "warmup_ratio": number_range(0.0, 1.0),

@@ -26,6 +26,7 @@ from api.core.unit_of_work import unit_of_work
 from api.errors import Conflict, InvalidRequest
 from api.schemas.jobs import JobCreate
 from api.services import jobs
+from speft_core.config import AUTO, AUTO_FIELDS, AUTO_RULES, resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _base_model(session: Session, *, model_id: str) -> RegisteredModel:
 
 
 def _datasets(session: Session, *, tenant_id: str, task: str,
-              file_ids: dict[str, str]) -> None:
+              file_ids: dict[str, str]) -> dict[str, File]:
     """Check in one query that each `{field: file_id}` is the tenant's live file written for
     `task`; 400 naming the first bad field otherwise. The rows are locked (`FOR UPDATE`) until
     the commit, so a delete of one of them waits and then sees the new job (409), or wins and
@@ -74,6 +75,7 @@ def _datasets(session: Session, *, tenant_id: str, task: str,
         if row.task is not None and row.task != task:
             raise InvalidRequest(f"file {file_id} is {row.task} data; the job's task is {task}",
                                  param=field)
+    return {field: rows[file_id] for field, file_id in file_ids.items()}
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency_key: str | None,
@@ -95,7 +97,10 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
     file_ids = {"training_file": body.training_file}
     if body.validation_file is not None:
         file_ids["validation_file"] = body.validation_file
-    _datasets(session, tenant_id=tenant_id, task=task, file_ids=file_ids)
+    files = _datasets(session, tenant_id=tenant_id, task=task, file_ids=file_ids)
+    auto = [name for name in AUTO_FIELDS if getattr(body.hyperparameters, name) == AUTO]
+    body = body.model_copy(update={"hyperparameters": resolve_auto(
+        body.hyperparameters, files["training_file"].num_examples)})
     body.to_spec(task=task, training_file=body.training_file,
                  validation_file=body.validation_file)  # the core's own checks (ConfigError: 400)
     job = session.scalar(
@@ -119,6 +124,10 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
          "data": {"status": JobStatus.VALIDATING_FILES.value}},
         {"type": jobs.EVENT_STATUS, "message": "job queued",
          "data": {"status": JobStatus.QUEUED.value}},
+        *([{"type": jobs.EVENT_MESSAGE, "message": "auto hyperparameters chosen",
+            "data": {**{name: getattr(body.hyperparameters, name) for name in auto},
+                     "training_examples": files["training_file"].num_examples,
+                     "rule": AUTO_RULES}}] if auto else []),
     ])
     return job, True
 

@@ -340,3 +340,27 @@ def test_create_replay_and_page_on_both_backends(backend_settings: dict[str, Any
     page = client.get(f"/v1/fine_tuning/jobs?limit=1&after={second}", headers=ALICE).json()
     assert [j["id"] for j in page["data"]] == [first.json()["id"]] and not page["has_more"]
     assert client.app.state.enqueue_job.sent == [first.json()["id"], second]
+
+
+def test_auto_hyperparameters_are_chosen_from_the_training_set_and_shown(client):
+    lines = b"".join(json.dumps({"text": f"text {i}", "label": i % 2}).encode() + b"\n"
+                     for i in range(1500))
+    body = {"model": "minilm-l6", "training_file": upload(client, lines),
+            "hyperparameters": {"n_epochs": "auto", "batch_size": "auto",
+                                "learning_rate": "auto", "max_length": 16}}
+    created = client.post("/v1/fine_tuning/jobs", json=body, headers=ALICE)
+    assert created.status_code == 201, created.text
+    hyper = created.json()["hyperparameters"]
+    assert (hyper["n_epochs"], hyper["batch_size"], hyper["learning_rate"]) == (2, 32, 0.01)
+    events = client.get(f"/v1/fine_tuning/jobs/{created.json()['id']}/events",
+                        headers=ALICE).json()["data"]
+    chosen = next(e for e in events if e["message"] == "auto hyperparameters chosen")["data"]
+    assert chosen["n_epochs"] == 2 and chosen["training_examples"] == 1500
+    small = client.post("/v1/fine_tuning/jobs", headers=ALICE, json={
+        "model": "minilm-l6", "training_file": upload(client),
+        "hyperparameters": {"batch_size": "auto"}}).json()["hyperparameters"]
+    assert small["batch_size"] == 4 and small["n_epochs"] == 3  # 8 examples; n_epochs as given
+    bad = client.post("/v1/fine_tuning/jobs", headers=ALICE, json={
+        "model": "minilm-l6", "training_file": upload(client),
+        "hyperparameters": {"n_epochs": "many"}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "hyperparameters.n_epochs"
