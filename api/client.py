@@ -121,6 +121,18 @@ class SpeftClient:
         """POST /v1/fine_tuning/jobs/{id}/cancel: the Job (cancel_requested or cancelled)."""
         return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
 
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/fine_tuning/jobs/{id}/pause: the Job (pause_requested or paused)."""
+        return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/fine_tuning/jobs/{id}/resume: the Job (queued again)."""
+        return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
+
+    def job_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """GET /v1/fine_tuning/jobs/{id}/checkpoints: the checkpoints, newest first."""
+        return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")["data"]
+
     def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """GET /v1/fine_tuning/jobs/{id}/metrics: the metric rows by step."""
         answer: Any = self._send("GET", f"/v1/fine_tuning/jobs/{job_id}/metrics").json()

@@ -561,6 +561,9 @@ def fine_tune(
     if isinstance(positions, int) and hyper.max_length > positions:
         raise ConfigError(f"max_length {hyper.max_length} is beyond the {positions} positions "
                           f"of {source.name}", param="hyperparameters.max_length")
+    if hyper.early_stopping is not None and not eval_examples:
+        raise ConfigError("early_stopping watches the validation loss: give a validation_file",
+                          param="hyperparameters.early_stopping")
     callbacks = callbacks or TrainCallbacks()
     is_chat = isinstance(train_examples[0], datasets.ChatExample)
     template = chat.chat_template_for(tokenizer) if is_chat else None

@@ -176,6 +176,45 @@ def jobs_cancel(job_id: Annotated[str, typer.Argument(metavar="ID")],
         print_json(client.cancel_job(job_id))
 
 
+@jobs_app.command("pause")
+def jobs_pause(job_id: Annotated[str, typer.Argument(metavar="ID")],
+               base_url: BaseUrlOpt = DEFAULT_BASE_URL, api_key: ApiKeyOpt = None) -> None:
+    """Pause a job (a running one checkpoints and stops at its next step); prints the Job."""
+    with api_client(base_url, api_key) as client:
+        print_json(client.pause_job(job_id))
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: Annotated[str, typer.Argument(metavar="ID")],
+                base_url: BaseUrlOpt = DEFAULT_BASE_URL, api_key: ApiKeyOpt = None) -> None:
+    """Resume a paused job from its newest checkpoint; prints the Job."""
+    with api_client(base_url, api_key) as client:
+        print_json(client.resume_job(job_id))
+
+
+@jobs_app.command("checkpoints")
+def jobs_checkpoints(job_id: Annotated[str, typer.Argument(metavar="ID")],
+                     base_url: BaseUrlOpt = DEFAULT_BASE_URL,
+                     api_key: ApiKeyOpt = None) -> None:
+    """List a job's checkpoints, newest first, as a table (serve one by its id)."""
+    with api_client(base_url, api_key) as client:
+        rows = client.job_checkpoints(job_id)
+    table = Table(title=f"{len(rows)} checkpoint(s) of {job_id}", box=box.SIMPLE_HEAD)
+    for column in ("id", "step", "train loss", "valid loss", "valid acc", "created"):
+        table.add_column(column)
+    for row in rows:
+        metrics = row.get("metrics") or {}
+        accuracy = metrics.get("valid_accuracy", metrics.get("valid_mean_token_accuracy"))
+        table.add_row(row["id"], str(row["step_number"]), _number(metrics.get("train_loss")),
+                      _number(metrics.get("valid_loss")), _number(accuracy),
+                      _when(row.get("created_at")))
+    out.print(table)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def _latest_loss(client: SpeftClient, job_id: str) -> str:
     """'loss X' from the job's latest step metric, or ''."""
     losses = [row["train_loss"] for row in client.job_metrics(job_id)

@@ -98,6 +98,9 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
     if body.validation_file is not None:
         file_ids["validation_file"] = body.validation_file
     files = _datasets(session, tenant_id=tenant_id, task=task, file_ids=file_ids)
+    if body.hyperparameters.early_stopping is not None and body.validation_file is None:
+        raise InvalidRequest("early_stopping watches the validation loss: give a "
+                             "validation_file", param="hyperparameters.early_stopping")
     auto = [name for name in AUTO_FIELDS if getattr(body.hyperparameters, name) == AUTO]
     body = body.model_copy(update={"hyperparameters": resolve_auto(
         body.hyperparameters, files["training_file"].num_examples)})

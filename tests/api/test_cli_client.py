@@ -169,3 +169,18 @@ def test_worker_refuses_cuda_without_a_gpu(tmp_path: Path, monkeypatch: pytest.M
     result = runner.invoke(app, ["worker", "--device", "cuda"], env=env)
     assert result.exit_code == 2
     assert "error (--device):" in result.stderr and "no CUDA device" in result.stderr
+
+
+def test_jobs_pause_resume_and_checkpoints(server_url: str, sst2_subset: Path) -> None:
+    _, stdout, _ = speft(server_url, "files", "upload", str(sst2_subset))
+    _, stdout, _ = speft(server_url, "jobs", "create", "--model", "minilm-l6",
+                         "--training-file", json.loads(stdout)["id"])
+    job_id = json.loads(stdout)["id"]  # no worker runs here: it stays queued
+    code, stdout, stderr = speft(server_url, "jobs", "pause", job_id)
+    assert code == 0 and json.loads(stdout)["status"] == "paused", stderr
+    code, stdout, _ = speft(server_url, "jobs", "checkpoints", job_id)
+    assert code == 0 and "0 checkpoint(s)" in stdout
+    code, stdout, _ = speft(server_url, "jobs", "resume", job_id)
+    assert code == 0 and json.loads(stdout)["status"] == "queued"
+    code, _, stderr = speft(server_url, "jobs", "resume", job_id)
+    assert code == 1 and "only a paused job can be resumed" in stderr

@@ -364,3 +364,16 @@ def test_auto_hyperparameters_are_chosen_from_the_training_set_and_shown(client)
         "model": "minilm-l6", "training_file": upload(client),
         "hyperparameters": {"n_epochs": "many"}})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "hyperparameters.n_epochs"
+
+
+def test_early_stopping_without_a_validation_file_is_a_400_naming_it(client):
+    answer = client.post("/v1/fine_tuning/jobs", headers=ALICE, json={
+        "model": "minilm-l6", "training_file": upload(client),
+        "hyperparameters": {"early_stopping": {"patience": 2}}})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "hyperparameters.early_stopping"
+    zero = client.post("/v1/fine_tuning/jobs", headers=ALICE, json={
+        "model": "minilm-l6", "training_file": upload(client),
+        "hyperparameters": {"checkpoint_every_steps": 0}})
+    assert zero.status_code == 422
+    assert zero.json()["error"]["param"] == "hyperparameters.checkpoint_every_steps"
