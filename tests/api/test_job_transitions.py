@@ -27,6 +27,7 @@ from api.services.jobs import (
     claim_job,
     finish_cancelled,
     finish_failed,
+    finish_paused,
     finish_succeeded,
     is_cancel_requested,
     record_eval,
@@ -35,7 +36,7 @@ from api.services.jobs import (
 )
 
 NON_TERMINAL = {JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING,
-                JobStatus.CANCEL_REQUESTED}
+                JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED, JobStatus.PAUSED}
 
 
 def _base_rows(session: Session) -> tuple[str, str]:
@@ -80,11 +81,15 @@ def _succeed(session: Session, job_id: str) -> bool:
 TRANSITIONS: dict[str, tuple[Callable[[Session, str], bool], set[JobStatus], JobStatus]] = {
     "claim_job": (lambda s, j: claim_job(s, job_id=j, worker="w1"),
                   {JobStatus.QUEUED}, JobStatus.RUNNING),
-    "finish_succeeded": (_succeed, {JobStatus.RUNNING}, JobStatus.SUCCEEDED),
+    "finish_succeeded": (_succeed, {JobStatus.RUNNING, JobStatus.PAUSE_REQUESTED},
+                         JobStatus.SUCCEEDED),
     "finish_failed": (lambda s, j: finish_failed(s, job_id=j, code=USER_ERROR, message="bad"),
                       NON_TERMINAL, JobStatus.FAILED),
     "finish_cancelled": (lambda s, j: finish_cancelled(s, job_id=j),
-                         {JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED}, JobStatus.CANCELLED),
+                         {JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED},
+                         JobStatus.CANCELLED),
+    "finish_paused": (lambda s, j: finish_paused(s, job_id=j, step=3),
+                      {JobStatus.PAUSE_REQUESTED}, JobStatus.PAUSED),
 }
 
 

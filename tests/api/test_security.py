@@ -17,11 +17,11 @@ from httpx import Response
 from typer.testing import CliRunner
 
 from api.cli import app as cli
-from api.core.models import File, RegisteredModel, utcnow
+from api.core.models import Checkpoint, File, Job, RegisteredModel, utcnow
 from api.services.files import file_storage_key
 from api.services.quotas import QUOTA_RETRY_AFTER_S
 from tests.api.conftest import ClientFactory
-from tests.api.test_adapters_api import make_adapter
+from tests.api.test_adapters_api import DELTA, make_adapter
 from tests.api.test_jobs_api import ALICE, BOB, CLASSIFICATION, KEYS, create, upload
 
 UNAUTHENTICATED_PATHS = {"/healthz", "/readyz", "/metrics"}
@@ -143,10 +143,19 @@ def alice_objects(make_client: ClientFactory) -> tuple[TestClient, dict[str, str
     client = make_client(api_keys=KEYS)
     client.app.state.enqueue_job = lambda job_id, device: None
     job_id, adapter_id = make_adapter(client)
+    stored = client.app.state.storage.put("checkpoints/alice.safetensors", DELTA)
     with client.app.state.sessions.begin() as session:
         session.add(RegisteredModel(id=CAUSAL_MODEL, task="causal_lm", params=1,
                                     created_at=utcnow()))
-    return client, {"file_id": upload(client), "job_id": job_id, "adapter_id": adapter_id}
+        job = session.get(Job, job_id)
+        checkpoint = Checkpoint(tenant_id=job.tenant_id, job_id=job_id, base_model="minilm-l6",
+                                step=1, attempt=1, metrics={}, bytes=stored.size,
+                                sha256=stored.sha256, storage_key="checkpoints/alice.safetensors")
+        session.add(checkpoint)
+        session.flush()
+        checkpoint_id = checkpoint.id
+    return client, {"file_id": upload(client), "job_id": job_id, "adapter_id": adapter_id,
+                    "checkpoint_id": checkpoint_id}
 
 
 def collection_requests(ids: dict[str, str]) -> dict[tuple[str, str], dict[str, Any]]:
