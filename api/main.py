@@ -22,7 +22,7 @@ from api.observability import (
     install_metrics,
 )
 from api.request_limits import install_request_limits
-from api.routes import adapters, checkpoints, files, health, jobs, models
+from api.routes import adapters, checkpoints, files, health, jobs, models, webhooks
 from api.routes import inference as inference_routes
 from api.services import inference, tenants
 from api.services.models import register_builtin_models
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, *, open_mode: bool | None = Non
     app.include_router(models.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(checkpoints.router, prefix="/v1")
+    app.include_router(webhooks.router, prefix="/v1")
     app.include_router(inference_routes.router, prefix="/v1")  # before /adapters/{id}
     app.include_router(adapters.router, prefix="/v1")
     app.include_router(health.router)

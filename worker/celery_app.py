@@ -28,7 +28,7 @@ _worker_pid: int | None = None  # the worker's main process, remembered before b
 def create_celery(settings: Settings | None = None) -> Celery:
     """The worker's app: worker.tasks included, the reconciler scheduled (tests pass settings)."""
     settings = settings or get_settings()
-    app = configured_celery(settings, include=["worker.tasks"])
+    app = configured_celery(settings, include=["worker.tasks", "worker.webhooks"])
     # The reconciler (worker.tasks.reconcile), sent by the beat each worker embeds to the control
     # queue every worker reads; a sweep nobody picked up in time expires instead of piling up.
     app.conf.beat_scheduler = IN_MEMORY_BEAT_SCHEDULER

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,10 +54,12 @@ class JobRecorder:
 
     def __init__(self, session: Session, job_id: str, attempt: int,
                  progress: ProgressClock | None = None, *, storage: Storage | None = None,
-                 keep_checkpoints: int | None = None) -> None:
+                 keep_checkpoints: int | None = None,
+                 after_checkpoint: Callable[[], object] | None = None) -> None:
         self.session, self.job_id, self.attempt = session, job_id, attempt
         self.progress = progress or ProgressClock()
         self.storage, self.keep_checkpoints = storage, keep_checkpoints
+        self.after_checkpoint = after_checkpoint
         self.rate = StepRate()
         self.stop = False  # the attempt lost the job (it is no longer active, or not ours)
         self.stop_for: JobStatus | None = None
@@ -105,6 +108,8 @@ class JobRecorder:
                       data={"checkpoint_id": row.id, "step": report.step, "metrics": metrics,
                             "best_so_far": report.is_best})
         commit_and_run(self.session)  # settles the upload's undo and runs the prune's purges
+        if self.after_checkpoint is not None:
+            self.after_checkpoint()  # e.g. send the checkpoint's webhook deliveries
         self.progress.touch()
 
     def _poll(self) -> None:

@@ -21,17 +21,18 @@ import functools
 import logging
 import os
 import socket
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.core.config import get_settings
 from api.core.db import get_session_factory
-from api.core.models import Job
+from api.core.models import Job, utcnow
 from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, CeleryEnqueuer
 from api.core.storage import Storage, open_storage
 from api.core.unit_of_work import rollback_and_undo, unit_of_work
-from api.services import checkpoints, job_runs
+from api.services import checkpoints, job_runs, webhooks
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
@@ -80,6 +81,24 @@ def run_job(job_id: str) -> None:
         with Heartbeat(job_id, attempt, interval_s=settings.heartbeat_interval_s,
                        stall_timeout_s=settings.stall_timeout_s) as beat:
             _run_claimed(session, job_id, attempt, beat.progress)
+        send_webhooks(session, job_id=job_id)
+
+
+def send_webhooks(session: Session, *, job_id: str | None = None,
+                  sent_before: datetime | None = None) -> list[str]:
+    """Send the deliver task of each pending delivery not yet sent (of `job_id`; or also those
+    last sent before `sent_before`), marking them sent first (committed); their ids. A broker
+    that fails here leaves them to the reconciler's next sweep."""
+    try:
+        with unit_of_work(session):
+            ids = webhooks.take_unsent(session, job_id=job_id, sent_before=sent_before)
+        enqueue = CeleryEnqueuer(get_settings(), celery=app)
+        for delivery_id in ids:
+            enqueue.deliver_webhook(delivery_id)
+    except Exception:
+        log.exception("speft.webhook sending deliveries failed (the sweep retries)")
+        return []
+    return ids
 
 
 def _run_claimed(session: Session, job_id: str, attempt: int, progress: ProgressClock) -> None:
@@ -91,7 +110,8 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
             resume = checkpoints.latest_state(session, storage=storage, job_id=job_id)
             session.commit()
             recorder = JobRecorder(session, job_id, attempt, progress, storage=storage,
-                                   keep_checkpoints=spec.hyperparameters.keep_checkpoints)
+                                   keep_checkpoints=spec.hyperparameters.keep_checkpoints,
+                                   after_checkpoint=lambda: send_webhooks(session, job_id=job_id))
             result = fine_tune(spec, device=device, callbacks=recorder.callbacks(),
                                resume=resume)
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
@@ -137,6 +157,7 @@ def reconcile() -> dict[str, list[str]]:
         with unit_of_work(session):
             done = reconcile_jobs(session, policy=ReconcilePolicy.from_settings(settings))
         purged = _sweep_orphans(session)
+        send_webhooks(session, sent_before=utcnow() - webhooks.RESEND_AFTER)
         if not done:
             return {"purged": purged} if purged else {}
         with unit_of_work(session):

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     # and salience scoring report none, so keep it above the longest of those) for
     # stall_timeout_s stops heart-beating, and the reconciler treats it as a lost worker.
     stall_timeout_s: float = 3600.0
+    # Webhooks: a delivery is POSTed with webhook_timeout_s to wait for the answer and retried
+    # by Celery with exponential back-off (webhook_backoff_s, doubling, at most 10 min) up to
+    # webhook_max_retries times. URLs resolving to private, loopback or link-local addresses are
+    # refused; webhook_allow_loopback admits loopback ones (tests, single-machine use).
+    webhook_timeout_s: float = 10.0
+    webhook_backoff_s: float = 2.0
+    webhook_max_retries: int = 8
+    webhook_allow_loopback: bool = False
     # Limits per tenant (API): requests in a moving window, as a `limits` string ("600/minute",
     # several joined by ";"; empty: off), counted in rate_limit_storage_url (memory://: per API
     # process; redis://…: shared by every API process; unset: the broker when it is Redis, else

@@ -389,6 +389,61 @@ class Checkpoint(Base):
         return [Checkpoint.state_key_for(storage_key)]
 
 
+class WebhookEndpoint(Base):
+    """A tenant's webhook receiver (`whep-…`): the events it wants and the secret they are
+    signed with (Standard Webhooks, `whsec_` + base64 key; shown once, at creation)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index(None, "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = _id("whep")
+    tenant_id: Mapped[str] = _tenant_fk()
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[Any]] = mapped_column(JSONValue)
+    created_at: Mapped[datetime] = _created_at()
+    deleted_at: Mapped[datetime | None]
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (`msg-…`, its `webhook-id`): pending until delivered or
+    given up; `sent_at` is when its delivery task was last sent to the queue."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index(None, "endpoint_id", "created_at"), Index(None, "status", "sent_at"))
+
+    id: Mapped[str] = _id("msg")
+    endpoint_id: Mapped[str] = mapped_column(String(ID_LENGTH),
+                                             ForeignKey("webhook_endpoints.id"))
+    job_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), ForeignKey("jobs.id"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = _created_at()
+    sent_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    tries: Mapped[list[WebhookAttempt]] = relationship(order_by="WebhookAttempt.id",
+                                                       viewonly=True)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery: the answer's status code, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index(None, "delivery_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(ID_LENGTH),
+                                             ForeignKey("webhook_deliveries.id"))
+    number: Mapped[int]
+    created_at: Mapped[datetime] = _created_at()
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
 class Adapter(Base):
     """A trained sparse delta: metadata here, the `.safetensors` bytes in storage."""
 

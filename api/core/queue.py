@@ -24,6 +24,7 @@ from api.core.config import Settings, get_settings
 
 RUN_JOB_TASK = "speft.run_job"  # run_job(job_id): train one job to a terminal status
 RECONCILE_TASK = "speft.reconcile"  # reconcile(): one reconciler sweep
+DELIVER_WEBHOOK_TASK = "speft.deliver_webhook"  # deliver_webhook(delivery_id): POST one event
 WORKER_APP = "worker.celery_app"  # the consuming app, started by name (`celery -A`)
 REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
 
@@ -94,6 +95,11 @@ class CeleryEnqueuer:
     def __call__(self, job_id: str, device: str) -> None:
         """Send one run_job message for `job_id` to the queue of `device`."""
         self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue_for(device))
+
+    def deliver_webhook(self, delivery_id: str) -> None:
+        """Send one deliver_webhook message to the control queue (every worker reads it)."""
+        self.celery.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id],
+                              queue=self.settings.control_queue)
 
     def check(self) -> None:
         """Raise when the broker cannot be reached."""

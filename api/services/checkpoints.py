@@ -20,7 +20,7 @@ from api.core.models import Checkpoint, Job, new_id
 from api.core.storage import ObjectNotFound, Storage
 from api.core.unit_of_work import after_rollback
 from api.errors import NotFound
-from api.services import stored_objects
+from api.services import stored_objects, webhooks
 from api.services.job_reads import get_job
 from api.services.jobs import ACTIVE_STATUSES
 from speft_core.checkpoint import TrainingState, state_from_bytes
@@ -51,6 +51,11 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
                      bytes=stored.size, sha256=stored.sha256, storage_key=key)
     session.add(row)
     session.flush()
+    from api.schemas.checkpoints import CheckpointObject  # the API's own rendering
+
+    webhooks.record_event(session, tenant_id=job.tenant_id, event_type=webhooks.CHECKPOINT_EVENT,
+                          data=CheckpointObject.model_validate(row).model_dump(mode="json"),
+                          job_id=job_id)
     if keep is not None:
         _prune(session, storage, job_id=job_id, keep=keep)
     return row

@@ -36,6 +36,7 @@ from api.core.models import (
     MetricKind,
     utcnow,
 )
+from api.services import webhooks
 
 USER_ERROR = "user_error"
 INTERNAL_ERROR = "internal_error"
@@ -138,7 +139,8 @@ def _transition(
     when: list[ColumnElement[bool]] | None = None,
     **fields: Any,
 ) -> bool:
-    """The conditional UPDATE plus its status event, written only when the update happened."""
+    """The conditional UPDATE plus its status event, written only when the update happened; a
+    terminal status also records its webhook deliveries (sent after the commit)."""
     changed = transition_job(
         session, job_id, from_statuses=from_statuses, to_status=to_status, when=when or (),
         **fields
@@ -146,6 +148,8 @@ def _transition(
     if changed:
         add_event(session, job_id=job_id, level=level, type=EVENT_STATUS, message=message,
                   data={"status": to_status.value, **(data or {})})
+        if to_status.is_terminal:
+            webhooks.record_job_event(session, job_id=job_id, status=to_status)
     return changed
 
 

@@ -25,13 +25,24 @@ import httpx
 import pytest
 import torch
 from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+from standardwebhooks.webhooks import Webhook
 
 from api.core.config import Settings
 from api.core.db import make_engine, session_factory, upgrade_database
-from api.core.models import Adapter, Job, JobEvent, JobStatus, RegisteredModel, utcnow
+from api.core.models import (
+    Adapter,
+    Job,
+    JobEvent,
+    JobStatus,
+    RegisteredModel,
+    WebhookDelivery,
+    utcnow,
+)
 from api.core.queue import CeleryEnqueuer
 from api.core.storage import LocalStorage
 from api.services.job_runs import adapter_id_for, attempt_key
+from api.services.webhooks import create_endpoint
 from speft_core.delta import load_delta
 from speft_core.models import load_tokenizer, resolve_model
 from tests.fixtures.jobs import SPEC, Service
@@ -44,6 +55,7 @@ from tests.fixtures.processes import (
     wait_ready,
 )
 from tests.fixtures.s3 import _free_port as free_port
+from tests.fixtures.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -230,6 +242,48 @@ def test_a_killed_job_resumes_from_its_last_checkpoint_and_ends_as_an_unkilled_o
         assert torch.equal(deltas[0].modules[name][1], values), name
     for name, tensor in deltas[1].extras.items():
         assert torch.equal(deltas[0].extras[name], tensor), name
+
+
+def test_a_webhook_receiver_that_is_down_for_a_while_still_gets_the_event(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The job succeeds while its receiver is down; the worker's delivery task fails, backs
+    off, and delivers, signed, once the receiver is up."""
+    receiver = Receiver(free_port(), tmp_path / "received.jsonl")
+    with cluster.service.sessions() as session:
+        endpoint = create_endpoint(session, tenant_id=cluster.service.tenant_id,
+                                   url=receiver.url, events=None, allow_loopback=True)
+        session.commit()
+        secret = endpoint.secret
+    cluster.env.update(SPEFT_WEBHOOK_ALLOW_LOOPBACK="true", SPEFT_WEBHOOK_BACKOFF_S="1")
+    job_id = _training_job(cluster, steps=3)
+    cluster.enqueue(job_id)
+    cluster.start_worker()
+    job = cluster.wait_for(job_id, lambda j: j.status in TERMINAL, "terminal")
+    assert job.status == JobStatus.SUCCEEDED, cluster.output()
+
+    def delivery() -> WebhookDelivery:
+        with cluster.service.sessions() as session:
+            return session.scalars(select(WebhookDelivery).options(
+                selectinload(WebhookDelivery.tries))
+                .where(WebhookDelivery.job_id == job_id)).one()
+
+    deadline = time.monotonic() + 60
+    while len(delivery().tries) < 2:  # refused while the receiver is down
+        assert time.monotonic() < deadline, cluster.output()
+        time.sleep(0.2)
+    receiver.start()
+    try:
+        while delivery().status != "delivered":
+            assert time.monotonic() < deadline, (delivery().status, cluster.output())
+            time.sleep(0.2)
+    finally:
+        receiver.stop()
+    tries = delivery().tries
+    assert all(t.status_code is None and "Connect" in (t.error or "") for t in tries[:-1])
+    assert tries[-1].status_code == 204 and len(receiver.received()) == 1
+    got = receiver.received()[0]
+    payload = Webhook(secret).verify(got["body"], got["headers"])
+    assert payload["type"] == "fine_tuning.job.succeeded" and payload["data"]["id"] == job_id
 
 
 def test_no_job_stays_queued_when_redis_restarts_with_jobs_queued_and_running(
