@@ -133,6 +133,22 @@ class SpeftClient:
         """GET /v1/fine_tuning/jobs/{id}/checkpoints: the checkpoints, newest first."""
         return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")["data"]
 
+    def create_webhook(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        """POST /v1/webhooks: the endpoint with its secret (shown once)."""
+        return self._json("POST", "/v1/webhooks", json={"url": url, "events": events})
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        """GET /v1/webhooks: the endpoints, newest first."""
+        return self._json("GET", "/v1/webhooks")["data"]
+
+    def delete_webhook(self, endpoint_id: str) -> dict[str, Any]:
+        """DELETE /v1/webhooks/{id}."""
+        return self._json("DELETE", f"/v1/webhooks/{endpoint_id}")
+
+    def webhook_deliveries(self, endpoint_id: str) -> list[dict[str, Any]]:
+        """GET /v1/webhooks/{id}/deliveries: the latest deliveries with their attempts."""
+        return self._json("GET", f"/v1/webhooks/{endpoint_id}/deliveries")["data"]
+
     def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """GET /v1/fine_tuning/jobs/{id}/metrics: the metric rows by step."""
         answer: Any = self._send("GET", f"/v1/fine_tuning/jobs/{job_id}/metrics").json()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from api.cli.admin import keys_app, models_app
-from api.cli.client_commands import adapters_app, files_app, jobs_app
+from api.cli.client_commands import adapters_app, files_app, jobs_app, webhooks_app
 from api.cli.launcher import run, serve, worker
 from speft_core.cli import train
 
@@ -17,6 +17,7 @@ for command in (train, serve, worker, run):
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 

@@ -20,6 +20,8 @@ from api.client import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL, ApiClientErr
 
 files_app = typer.Typer(help="Datasets on the server.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Fine-tuning jobs on the server.", no_args_is_help=True)
+webhooks_app = typer.Typer(help="Webhook endpoints: signed POSTs when jobs end.",
+                           no_args_is_help=True)
 adapters_app = typer.Typer(help="Trained adapters (sparse deltas) on the server.",
                            no_args_is_help=True)
 
@@ -271,3 +273,48 @@ def adapters_download(
     with api_client(base_url, api_key) as client:
         written = client.download_adapter(adapter_id, out_path)
     typer.echo(json.dumps({"id": adapter_id, "out": str(out_path), "bytes": written}))
+
+
+@webhooks_app.command("create")
+def webhooks_create(
+    url: Annotated[str, typer.Argument(help="http(s) URL of the receiver")],
+    event: Annotated[list[str] | None, typer.Option(
+        help="an event type to send (repeat; default: job succeeded, failed, cancelled)")] = None,
+    base_url: BaseUrlOpt = DEFAULT_BASE_URL, api_key: ApiKeyOpt = None,
+) -> None:
+    """Register an endpoint; prints it with its signing secret (shown this once)."""
+    with api_client(base_url, api_key) as client:
+        print_json(client.create_webhook(url, event or None))
+
+
+@webhooks_app.command("list")
+def webhooks_list(base_url: BaseUrlOpt = DEFAULT_BASE_URL, api_key: ApiKeyOpt = None) -> None:
+    """List the endpoints (JSON, newest first)."""
+    with api_client(base_url, api_key) as client:
+        print_json({"object": "list", "data": client.list_webhooks()})
+
+
+@webhooks_app.command("delete")
+def webhooks_delete(endpoint_id: Annotated[str, typer.Argument(metavar="ID")],
+                    base_url: BaseUrlOpt = DEFAULT_BASE_URL, api_key: ApiKeyOpt = None) -> None:
+    """Delete an endpoint."""
+    with api_client(base_url, api_key) as client:
+        print_json(client.delete_webhook(endpoint_id))
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(endpoint_id: Annotated[str, typer.Argument(metavar="ID")],
+                        base_url: BaseUrlOpt = DEFAULT_BASE_URL,
+                        api_key: ApiKeyOpt = None) -> None:
+    """An endpoint's latest deliveries and every attempt, as a table."""
+    with api_client(base_url, api_key) as client:
+        rows = client.webhook_deliveries(endpoint_id)
+    table = Table(title=f"{len(rows)} deliveries to {endpoint_id}", box=box.SIMPLE_HEAD)
+    for column in ("id", "event", "status", "attempts", "last answer", "created"):
+        table.add_column(column)
+    for row in rows:
+        last = row["attempts"][-1] if row["attempts"] else {}
+        table.add_row(row["id"], row["event_type"], row["status"], str(len(row["attempts"])),
+                      str(last.get("status_code") or last.get("error") or ""),
+                      _when(row.get("created_at")))
+    out.print(table)

@@ -30,7 +30,7 @@ def _server_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPEFT_")}
     env.update(SPEFT_DATABASE_URL=f"sqlite:///{tmp / 'speft.db'}",
                SPEFT_STORAGE_URL=f"file://{tmp / 'storage'}", SPEFT_API_KEYS="",
-               SPEFT_BROKER_URL="", SPEFT_MODELS_DIR="")
+               SPEFT_BROKER_URL="", SPEFT_MODELS_DIR="", SPEFT_WEBHOOK_ALLOW_LOOPBACK="true")
     return env
 
 
@@ -184,3 +184,20 @@ def test_jobs_pause_resume_and_checkpoints(server_url: str, sst2_subset: Path) -
     assert code == 0 and json.loads(stdout)["status"] == "queued"
     code, _, stderr = speft(server_url, "jobs", "resume", job_id)
     assert code == 1 and "only a paused job can be resumed" in stderr
+
+
+def test_webhooks_create_list_deliveries_delete(server_url: str) -> None:
+    code, stdout, stderr = speft(server_url, "webhooks", "create", "http://127.0.0.1:9/hook",
+                                 "--event", "fine_tuning.job.failed")
+    assert code == 0, stderr
+    endpoint = json.loads(stdout)
+    assert endpoint["secret"].startswith("whsec_")
+    assert endpoint["events"] == ["fine_tuning.job.failed"]
+    code, stdout, _ = speft(server_url, "webhooks", "list")
+    assert code == 0 and endpoint["id"] in stdout and "whsec_" not in stdout
+    code, stdout, _ = speft(server_url, "webhooks", "deliveries", endpoint["id"])
+    assert code == 0 and "0 deliveries" in stdout
+    code, _, stderr = speft(server_url, "webhooks", "create", "ftp://example.com/")
+    assert code == 1 and "url" in stderr
+    code, stdout, _ = speft(server_url, "webhooks", "delete", endpoint["id"])
+    assert code == 0 and json.loads(stdout)["deleted"] is True
