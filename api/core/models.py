@@ -267,6 +267,7 @@ class Job(Base):
     trainable_params: Mapped[int | None] = mapped_column(BigInteger)
     adapter_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     result_step: Mapped[int | None]  # the step the adapter's delta was taken at
+    result_file: Mapped[str | None] = mapped_column(String(ID_LENGTH))  # per-step metrics CSV
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     estimated_finish: Mapped[datetime | None]  # from this attempt's measured step rate
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -314,6 +315,11 @@ class Job(Base):
             return None
         return {"code": self.error_code, "message": self.error_message or "",
                 "param": self.error_param}
+
+    @property
+    def result_files(self) -> list[str]:
+        """The file ids of the job's results (its per-step metrics CSV, once it succeeded)."""
+        return [self.result_file] if self.result_file else []
 
     @property
     def progress(self) -> dict[str, int | None]:

@@ -194,7 +194,9 @@ class JobObject(PublicModel):
     # OpenAI's job fields, so that its SDK reads a job unchanged
     organization_id: str = Field(validation_alias=AliasChoices("tenant_id", "organization_id"),
                                  description="The owning tenant")
-    result_files: list[str] = Field(default_factory=list, description="Always empty")
+    result_files: list[str] = Field(
+        default_factory=list, description="once the job succeeded, the id of its per-step "
+        "metrics CSV (purpose fine-tune-results; GET /v1/files/{id}/content)")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

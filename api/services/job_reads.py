@@ -102,6 +102,11 @@ def list_events(session: Session, *, tenant_id: str, job_id: str) -> list[JobEve
 def list_metrics(session: Session, *, tenant_id: str, job_id: str) -> list[JobMetricObject]:
     """The tenant's job's train and eval rows merged into one row per step, by step."""
     get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return merged_metrics(session, job_id=job_id)
+
+
+def merged_metrics(session: Session, *, job_id: str) -> list[JobMetricObject]:
+    """A job's train and eval rows merged into one row per step, by step."""
     merged: dict[int, dict[str, Any]] = {}
     for row in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)
                                .order_by(JobMetric.step, JobMetric.kind)):

@@ -12,6 +12,8 @@ row and one object, and no adapter row ever points at a missing object.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -21,9 +23,16 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from api.core.models import File, Job, RegisteredModel
+from api.core.models import File, Job, RegisteredModel, new_id
 from api.core.storage import ObjectNotFound, Storage
-from api.core.unit_of_work import after_commit, after_rollback, commit_and_run, unit_of_work
+from api.core.unit_of_work import (
+    after_commit,
+    after_rollback,
+    commit_and_run,
+    rollback_and_undo,
+    unit_of_work,
+)
+from api.services.job_reads import merged_metrics
 from api.services.jobs import finish_cancelled, finish_succeeded
 from api.services.models import model_reference
 from speft_core.config import JobSpec
@@ -124,6 +133,39 @@ def local_inputs(session: Session, *, storage: Storage, job_id: str,
         yield JobSpec.from_dict(body), device
 
 
+RESULTS_PURPOSE = "fine-tune-results"
+RESULT_COLUMNS = ("step", "train_loss", "lr", "grad_norm", "valid_loss", "valid_accuracy")
+
+
+def results_csv(session: Session, *, job_id: str) -> tuple[bytes, int]:
+    """The job's per-step metrics as CSV (OpenAI's result file: one row a step, validation
+    columns filled at evaluated steps) and its row count."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    rows = merged_metrics(session, job_id=job_id)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in (
+            row.step, row.train_loss, row.lr, row.grad_norm, row.eval_loss, row.eval_accuracy)])
+    return buffer.getvalue().encode(), len(rows)
+
+
+def _store_results(session: Session, storage: Storage, *, job_id: str) -> str:
+    """Store the results CSV as a file of the job's tenant (flushed); its id. The object is
+    deleted again if the transaction rolls back."""
+    job = session.get(Job, job_id)
+    content, count = results_csv(session, job_id=job_id)
+    file_id = new_id("file")
+    key = f"files/{file_id}.csv"
+    stored = storage.put(key, content)
+    after_rollback(session, lambda: storage.delete(key))
+    session.add(File(id=file_id, tenant_id=job.tenant_id, filename="step_metrics.csv",
+                     purpose=RESULTS_PURPOSE, bytes=stored.size, sha256=stored.sha256,
+                     storage_key=key, num_examples=count))
+    session.flush()
+    return file_id
+
+
 def publish_adapter(session: Session, *, storage: Storage, job_id: str, attempt: int,
                     spec: JobSpec, result: TrainResult) -> bool:
     """Upload the delta and make the job succeeded (committed); True when it did. Otherwise the
@@ -133,13 +175,16 @@ def publish_adapter(session: Session, *, storage: Storage, job_id: str, attempt:
     stored = storage.put(key, delta_to_bytes(result.delta))
     with unit_of_work(session):
         after_rollback(session, lambda: storage.delete(key))  # the commit failed: no adapter row
+        results = _store_results(session, storage, job_id=job_id)
         succeeded = finish_succeeded(
             session, job_id=job_id, adapter_id=adapter_id, storage_key=key,
             nnz=result.delta.nnz, density=float(spec.speft.density), metric=spec.speft.metric,
             bytes=stored.size, sha256=stored.sha256, eval=json_safe(result.eval),
             trainable_params=result.trainable_params, attempt=attempt,
-            result_step=result.best_step or result.steps,
+            result_step=result.best_step or result.steps, result_file=results,
         )
+        if not succeeded:  # drop the results file's row and object, and the delta object
+            rollback_and_undo(session)
         if succeeded:  # killed attempts' uploads
             after_commit(session, lambda: delete_attempt_objects(storage, adapter_id,
                                                                  range(1, attempt)))

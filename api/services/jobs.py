@@ -306,6 +306,7 @@ def finish_succeeded(
     trainable_params: int | None = None,
     attempt: int | None = None,
     result_step: int | None = None,
+    result_file: str | None = None,
 ) -> bool:
     """running → succeeded, creating the job's Adapter row in the same transaction."""
     owner = session.execute(select(Job.tenant_id, Job.model).where(Job.id == job_id)).first()
@@ -314,7 +315,7 @@ def finish_succeeded(
         to_status=JobStatus.SUCCEEDED,
         message="job succeeded", data={"adapter_id": adapter_id}, when=_lease(attempt),
         finished_at=utcnow(), adapter_id=adapter_id, trainable_params=trainable_params,
-        result_step=result_step, estimated_finish=None,
+        result_step=result_step, result_file=result_file, estimated_finish=None,
     ):
         return False
     session.add(Adapter(

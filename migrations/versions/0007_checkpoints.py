@@ -1,6 +1,6 @@
 """Checkpoints: a job's delta at a step, its metrics, and the training state it resumes from;
 the step a job's adapter was taken at (`jobs.result_step`: the best checkpoint's, or the last),
-the tokens it has trained on and its estimated finish.
+the tokens it has trained on, its estimated finish and its results file (per-step metrics CSV).
 
 Revision ID: 0007
 Revises: 0006
@@ -60,11 +60,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("trained_tokens", sa.BigInteger(), nullable=False,
                                    server_default="0"))
         batch.add_column(sa.Column("estimated_finish", _timestamp(), nullable=True))
+        batch.add_column(sa.Column("result_file", ID, nullable=True))
 
 
 def downgrade() -> None:
     """Drop the checkpoints table and jobs.result_step."""
     with op.batch_alter_table("jobs") as batch:
-        for column in ("result_step", "trained_tokens", "estimated_finish"):
+        for column in ("result_step", "trained_tokens", "estimated_finish", "result_file"):
             batch.drop_column(column)
     op.drop_table("checkpoints")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from speft_core.delta import load_delta
@@ -136,3 +137,32 @@ def test_pause_checkpoints_and_stops_and_resume_continues_to_the_same_adapter(
         assert torch.equal(deltas[0].modules[name][1], values)
     assert client.post(f"/v1/fine_tuning/jobs/{paused_id}/pause",
                        headers=ALICE).status_code == 409  # finished
+
+
+def test_a_succeeded_job_has_its_per_step_metrics_as_a_csv_result_file(
+        make_client: ClientFactory, run_job: RunJob, data_dir: Path):
+    import csv
+    import io
+
+    client = make_client(api_keys=KEYS)
+    client.app.state.enqueue_job = lambda job_id, device: None
+    job_id = client.post("/v1/fine_tuning/jobs", headers=ALICE, json={
+        "model": "minilm-l6", "training_file": upload(client, sst2(data_dir, "train", 32)),
+        "validation_file": upload(client, sst2(data_dir, "dev", 16)),
+        "method": {"type": "speft", "speft": {"metric": "magnitude", "density": 500,
+                                              "scoring_examples": 8}},
+        "hyperparameters": {"n_epochs": 2, "batch_size": 16, "max_length": 16}}).json()["id"]
+    run_job(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ALICE).json()
+    assert job["status"] == "succeeded" and len(job["result_files"]) == 1
+    file_id = job["result_files"][0]
+    meta = client.get(f"/v1/files/{file_id}", headers=ALICE).json()
+    assert meta["purpose"] == "fine-tune-results" and meta["filename"] == "step_metrics.csv"
+    rows = list(csv.DictReader(io.StringIO(
+        client.get(f"/v1/files/{file_id}/content", headers=ALICE).text)))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    metrics = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", headers=ALICE).json()["data"]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx(
+        [m["train_loss"] for m in metrics])
+    assert [bool(r["valid_loss"]) for r in rows] == [False, True, False, True]  # epoch ends
+    assert client.get(f"/v1/files/{file_id}", headers=BOB).status_code == 404
