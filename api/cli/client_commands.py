@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,20 +201,30 @@ def jobs_checkpoints(job_id: Annotated[str, typer.Argument(metavar="ID")],
     """List a job's checkpoints, newest first, as a table (serve one by its id)."""
     with api_client(base_url, api_key) as client:
         rows = client.job_checkpoints(job_id)
-    table = Table(title=f"{len(rows)} checkpoint(s) of {job_id}", box=box.SIMPLE_HEAD)
-    for column in ("id", "step", "train loss", "valid loss", "valid acc", "created"):
-        table.add_column(column)
-    for row in rows:
+
+    def cells(row: dict[str, Any]) -> list[str]:
         metrics = row.get("metrics") or {}
         accuracy = metrics.get("valid_accuracy", metrics.get("valid_mean_token_accuracy"))
-        table.add_row(row["id"], str(row["step_number"]), _number(metrics.get("train_loss")),
-                      _number(metrics.get("valid_loss")), _number(accuracy),
-                      _when(row.get("created_at")))
-    out.print(table)
+        return [row["id"], str(row["step_number"]), _number(metrics.get("train_loss")),
+                _number(metrics.get("valid_loss")), _number(accuracy), _when(row.get("created_at"))]
+
+    _print_table(f"{len(rows)} checkpoint(s) of {job_id}",
+                 ("id", "step", "train loss", "valid loss", "valid acc", "created"),
+                 [cells(row) for row in rows])
 
 
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A simple table of strings on the console."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _latest_loss(client: SpeftClient, job_id: str) -> str:
@@ -309,12 +319,13 @@ def webhooks_deliveries(endpoint_id: Annotated[str, typer.Argument(metavar="ID")
     """An endpoint's latest deliveries and every attempt, as a table."""
     with api_client(base_url, api_key) as client:
         rows = client.webhook_deliveries(endpoint_id)
-    table = Table(title=f"{len(rows)} deliveries to {endpoint_id}", box=box.SIMPLE_HEAD)
-    for column in ("id", "event", "status", "attempts", "last answer", "created"):
-        table.add_column(column)
-    for row in rows:
+
+    def cells(row: dict[str, Any]) -> list[str]:
         last = row["attempts"][-1] if row["attempts"] else {}
-        table.add_row(row["id"], row["event_type"], row["status"], str(len(row["attempts"])),
-                      str(last.get("status_code") or last.get("error") or ""),
-                      _when(row.get("created_at")))
-    out.print(table)
+        return [row["id"], row["event_type"], row["status"], str(len(row["attempts"])),
+                str(last.get("status_code") or last.get("error") or ""),
+                _when(row.get("created_at"))]
+
+    _print_table(f"{len(rows)} deliveries to {endpoint_id}",
+                 ("id", "event", "status", "attempts", "last answer", "created"),
+                 [cells(row) for row in rows])
