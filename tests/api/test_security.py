@@ -17,7 +17,7 @@ from httpx import Response
 from typer.testing import CliRunner
 
 from api.cli import app as cli
-from api.core.models import Checkpoint, File, Job, RegisteredModel, utcnow
+from api.core.models import Checkpoint, File, Job, RegisteredModel, WebhookEndpoint, utcnow
 from api.services.files import file_storage_key
 from api.services.quotas import QUOTA_RETRY_AFTER_S
 from tests.api.conftest import ClientFactory
@@ -152,10 +152,13 @@ def alice_objects(make_client: ClientFactory) -> tuple[TestClient, dict[str, str
                                 step=1, attempt=1, metrics={}, bytes=stored.size,
                                 sha256=stored.sha256, storage_key="checkpoints/alice.safetensors")
         session.add(checkpoint)
+        endpoint = WebhookEndpoint(tenant_id=job.tenant_id, url="https://example.com/hook",
+                                   secret="whsec_c2VjcmV0", events=["fine_tuning.job.succeeded"])
+        session.add(endpoint)
         session.flush()
-        checkpoint_id = checkpoint.id
+        checkpoint_id, endpoint_id = checkpoint.id, endpoint.id
     return client, {"file_id": upload(client), "job_id": job_id, "adapter_id": adapter_id,
-                    "checkpoint_id": checkpoint_id}
+                    "checkpoint_id": checkpoint_id, "endpoint_id": endpoint_id}
 
 
 def collection_requests(ids: dict[str, str]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -169,6 +172,7 @@ def collection_requests(ids: dict[str, str]) -> dict[tuple[str, str], dict[str, 
                                                    "adapter": ids["adapter_id"]}},
         ("post", "/v1/completions"): {"json": {"model": CAUSAL_MODEL, "prompt": "hi",
                                                "adapter": ids["adapter_id"]}},
+        ("post", "/v1/webhooks"): {"json": {"url": "https://example.com/hook"}},
         ("post", "/v1/chat/completions"): {"json": {  # `model` may name the adapter itself
             "model": ids["adapter_id"], "messages": [{"role": "user", "content": "hi"}]}},
     }

@@ -201,7 +201,8 @@ def test_success_that_loses_to_a_cancel_leaves_no_adapter_object(service, monkey
         with service.sessions() as other:  # the cancel lands after the last cancel check
             assert request_cancel(other, job_id=job_id)
             other.commit()
-        return SimpleNamespace(delta=SimpleNamespace(nnz=1), eval={}, trainable_params=1)
+        return SimpleNamespace(delta=SimpleNamespace(nnz=1), eval={}, trainable_params=1,
+                               best_step=None, steps=4)
 
     monkeypatch.setattr(tasks, "fine_tune", train_then_get_cancelled)
     monkeypatch.setattr(job_runs, "delta_to_bytes", lambda delta: json.dumps({"fake": 1}).encode())
