@@ -243,12 +243,19 @@ def screen_levers(datas: dict[str, Data], args: argparse.Namespace,
                 "runs": tried}
             log.info("lever %s on %s: lr %g dev %.4f", lever, name, best, table[lever][name]["dev"])
             save({"table": table})
-    for name in datas:  # a head-only lever equals the baseline on decoders
+    return rank_levers(table, list(datas))
+
+
+def rank_levers(table: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """The screen's table with each lever's dev rank per task and their mean, best first (a
+    head-only lever takes the baseline's cell on a decoder, where it changes nothing)."""
+    for name in tasks:
         for lever in HEAD_ONLY_LEVERS & set(table):
-            if name not in table[lever] and name in table.get("baseline", {}):
+            if name not in table[lever] and name in table.get("baseline", {}) \
+                    and TASKS[name].is_decoder:
                 table[lever][name] = dict(table["baseline"][name], same_as="baseline")
     ranks: dict[str, dict[str, float]] = {}
-    for name in datas:
+    for name in tasks:
         scores = {lever: cells[name]["dev"] for lever, cells in table.items() if name in cells}
         for lever, rank in dev_ranks(scores).items():
             ranks.setdefault(lever, {})[name] = rank
@@ -256,6 +263,21 @@ def screen_levers(datas: dict[str, Data], args: argparse.Namespace,
     return {"levers": {k: LEVERS[k] for k in table}, "table": table,
             "ranking": [{"lever": k, "dev_rank": ranks[k],
                          "mean_dev_rank": statistics.fmean(ranks[k].values())} for k in order]}
+
+
+def render(path: Path) -> str:
+    """The markdown tables of a results JSON, also of one a run left partial."""
+    report = json.loads(path.read_text())
+    names = list(report["tasks"])
+    if "levers" in report or "levers_partial" in report:
+        result = report.get("levers") or rank_levers(report["levers_partial"]["table"], names)
+        return levers_markdown(result, names)
+    done = {n: t for n, t in report["tasks"].items() if "summary" in t}
+    parts = [f"{n} ({t['model']}):\n{markdown(t['summary'], TASKS[n].task)}"
+             for n, t in done.items()]
+    if done:
+        parts.append(ranks_markdown(across_tasks({"tasks": done}), list(done)))
+    return "\n\n".join(parts)
 
 
 def levers_markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
@@ -297,6 +319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny subsets, one seed, one rate per family (smoke test)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the tables of a results file (also a partial one) and exit")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
@@ -308,6 +332,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the suite (or the lever screen), write the JSON, print the tables."""
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return {}
     start_run(args.threads)
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(args), "recipe": args.recipe,
