@@ -68,7 +68,7 @@ def synthetic_features(count: int, seed: int = 0) -> list[dict]:
 def train_tiny(model=None, *, features=None, callbacks=None, **overrides):
     """train_sparse on the tiny BERT; `overrides` go to SpeftConfig or TrainConfig by name."""
     speft_fields = set(SpeftConfig.__dataclass_fields__)
-    speft = {"metric": "magnitude", "density": 0.05}
+    speft = {"metric": "magnitude", "density": 0.05, "head_warmup_steps": 0}
     hyper = {"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "seed": 3}
     for key, value in overrides.items():
         (speft if key in speft_fields else hyper)[key] = value
@@ -430,7 +430,7 @@ def test_head_warm_up_trains_the_head_alone_before_scoring():
                if not n.startswith("classifier")}
     warmed = train_tiny(model, metric="gradient", head_warmup_steps=4, n_epochs=1,
                         callbacks=callbacks)
-    cold = train_tiny(metric="gradient", n_epochs=1)
+    cold = train_tiny(metric="gradient", n_epochs=1, head_warmup_steps=0)
     assert [m for m, _ in events].index("head warmed up") < [m for m, _ in events].index(
         "mask selected")
     assert dict(events)["head warmed up"]["steps"] == 4
