@@ -67,9 +67,10 @@ class SpeftConfig:
         default=0.1, metadata={"help": "dynamic mask: fraction of entries dropped and regrown"}
     )
     score_normalization: str = field(
-        default="none",
-        metadata={"help": "'module': divide each module's scores by their mean before the "
-                          "global top-k, so no module's scale crowds out the others; 'none'"},
+        default="module",
+        metadata={"help": "'module' (default): divide each module's scores by their mean "
+                          "before the global top-k, so no module's scale crowds out the "
+                          "others; 'none': rank the raw scores"},
     )
     module_floor: float = field(
         default=0.0,

@@ -122,16 +122,18 @@ def _copy(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_the_default_recipe_is_plain_top_k(scope: str):
+def test_without_levers_the_recipe_is_plain_top_k(scope: str):
     scores = _scores(1)
     plain = select_mask(_copy(scores), 0.05, scope)
-    chosen = choose_mask(_copy(scores), SpeftConfig(density=0.05, scope=scope), seed=0)
+    chosen = choose_mask(_copy(scores), SpeftConfig(density=0.05, scope=scope,
+                                                    score_normalization="none"), seed=0)
     assert {n: m.tolist() for n, m in chosen.items()} == {n: m.tolist() for n, m in plain.items()}
 
 
 def test_module_normalisation_stops_one_scale_crowding_out_the_rest():
     scores = _scores(2)
-    plain = choose_mask(_copy(scores), SpeftConfig(density=0.05), seed=0)
+    plain = choose_mask(_copy(scores), SpeftConfig(density=0.05, score_normalization="none"),
+                        seed=0)
     assert plain["b"].numel() == plain["c"].numel() == 0  # 'a' takes the whole budget
     normalised = choose_mask(_copy(scores), SpeftConfig(density=0.05,
                                                         score_normalization="module"), seed=0)
@@ -143,10 +145,12 @@ def test_module_normalisation_stops_one_scale_crowding_out_the_rest():
 
 def test_a_module_floor_of_one_is_per_layer_and_a_partial_floor_reaches_every_module():
     scores = _scores(3)
-    full_floor = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=1.0), seed=0)
+    full_floor = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=1.0,
+                                                        score_normalization="none"), seed=0)
     per_layer = select_mask(_copy(scores), 0.05, "layer")
     assert {n: m.tolist() for n, m in full_floor.items()} == {n: m.tolist() for n, m in per_layer.items()}
-    half = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=0.5), seed=0)
+    half = choose_mask(_copy(scores), SpeftConfig(density=0.05, module_floor=0.5,
+                                                  score_normalization="none"), seed=0)
     k = round(0.05 * 1064)
     assert sum(m.numel() for m in half.values()) == k
     floor = per_layer_counts({"a": 600, "b": 400, "c": 64}, round(0.5 * k))
@@ -158,7 +162,7 @@ def test_exploration_adds_seeded_random_entries_outside_the_salience_choice():
     scores = _scores(4)
     k = round(0.1 * 1064)
     top_half = select_mask(_copy(scores), k - round(0.5 * k))
-    speft = SpeftConfig(density=0.1, explore_fraction=0.5)
+    speft = SpeftConfig(density=0.1, explore_fraction=0.5, score_normalization="none")
     first = choose_mask(_copy(scores), speft, seed=7)
     assert sum(m.numel() for m in first.values()) == k
     for name in scores:
