@@ -49,18 +49,18 @@ log = logging.getLogger("bench.quality")
 RESULTS = REPO / "bench" / "results"
 
 # Salience recipes screened by --levers (SpeftConfig fields on top of the defaults).
-# Every recipe states head_warmup_steps: the screen began when the default was 0 (no warm-up),
-# and "baseline" stays that recipe; head warm-up became the default after it led the screen.
-NO_WARMUP = {"head_warmup_steps": 0}
+# Every recipe states both levers that are now on by default: the screen began when neither
+# was (no warm-up, raw scores), and "baseline" stays that recipe.
+RAW = {"head_warmup_steps": 0, "score_normalization": "none"}
 LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut short keeps them
-    "baseline": NO_WARMUP,
-    "head-warmup": {"head_warmup_steps": 16},
-    "module-norm": {**NO_WARMUP, "score_normalization": "module"},
-    "warmup+norm": {"head_warmup_steps": 16, "score_normalization": "module"},
-    "floor-25%": {**NO_WARMUP, "module_floor": 0.25},
-    "explore-20%": {**NO_WARMUP, "explore_fraction": 0.2},
-    "dynamic": {**NO_WARMUP, "mask": "dynamic", "update_interval": 8},
-    "scoring-64": {**NO_WARMUP, "scoring_examples": 64},
+    "baseline": RAW,
+    "head-warmup": {**RAW, "head_warmup_steps": 16},
+    "module-norm": {**RAW, "score_normalization": "module"},
+    "warmup+norm": {"head_warmup_steps": 16, "score_normalization": "module"},  # the default
+    "floor-25%": {**RAW, "module_floor": 0.25},
+    "explore-20%": {**RAW, "explore_fraction": 0.2},
+    "dynamic": {**RAW, "mask": "dynamic", "update_interval": 8},
+    "scoring-64": {**RAW, "scoring_examples": 64},
 }
 HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
 
