@@ -9,6 +9,7 @@ examples in the same order.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,19 @@ def _split_examples(spec: TaskSpec) -> tuple[list, list, list]:
     return pick(order[:a]), pick(order[a:a + b]), pick(order[a + b:])
 
 
+def quick_spec(spec: TaskSpec) -> TaskSpec:
+    """The task as `--quick` runs it: one epoch, at most 256 tokens, 32 scoring examples."""
+    protocol = spec.protocol
+    return dataclasses.replace(spec, protocol=dataclasses.replace(
+        protocol, epochs=1, max_length=min(protocol.max_length, 256),
+        scoring_examples=min(protocol.scoring_examples, 32)))
+
+
 def load_task(spec: TaskSpec, *, quick: bool = False) -> Data:
-    """Read, split, subsample (seed 0) and tokenise a task's data for its model."""
+    """Read, split, subsample (seed 0) and tokenise a task's data for its model (`quick`:
+    small subsets and `quick_spec`'s protocol)."""
+    if quick:
+        spec = quick_spec(spec)
     path = resolve_model(spec.model, spec.task).path
     tokenizer = load_tokenizer(path)
     train, dev, test = _split_examples(spec)
