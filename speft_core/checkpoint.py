@@ -166,29 +166,38 @@ class Checkpointer:
     """Takes the checkpoints of one run: tracks the best, decides early stopping, hands each
     checkpoint to the callback. `snapshot()` returns the live masks, values and head."""
 
-    def __init__(self, *, steps: list[int], best: BestSoFar, select: str,
+    def __init__(self, *, best: BestSoFar, select: str,
                  early_stopping: Any | None, snapshot: Callable[[], tuple[dict, dict, dict]],
                  make_delta: Callable[[], Any],
-                 make_state: Callable[[int, int, int], TrainingState],
+                 make_state: Callable[[int, int, int, Any], TrainingState],
                  on_checkpoint: Callable[[CheckpointReport], None] | None,
                  on_event: Callable[..., None]) -> None:
-        self.steps, self.best, self.select = set(steps), best, select
+        self.best, self.select = best, select
         self.early_stopping, self.snapshot = early_stopping, snapshot
         self.make_delta, self.make_state = make_delta, make_state
         self.on_checkpoint, self.on_event = on_checkpoint, on_event
         self.stopped_early = False
 
-    def pause(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int]) -> None:
-        """A checkpoint of where the run stands, without evaluation, for a pause."""
+    def _hand_over(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int],
+                   scheduler: Any, metrics: dict[str, float], is_best: bool) -> None:
+        """Give the callback its report; the state is built only if it asks."""
         if self.on_checkpoint is not None:
             self.on_checkpoint(CheckpointReport(
-                step=step, total_steps=total, epoch=epoch, metrics={}, is_best=False,
-                delta=self.make_delta, state=lambda: self.make_state(step, *resume_at)))
+                step=step, total_steps=total, epoch=epoch, metrics=metrics, is_best=is_best,
+                delta=self.make_delta,
+                state=lambda: self.make_state(step, *resume_at, scheduler)))
+
+    def pause(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int],
+              scheduler: Any) -> None:
+        """A checkpoint of where the run stands, without evaluation, for a pause."""
+        self._hand_over(step=step, total=total, epoch=epoch, resume_at=resume_at,
+                        scheduler=scheduler, metrics={}, is_best=False)
 
     def take(self, *, step: int, total: int, epoch: int, resume_at: tuple[int, int],
-             train_loss: float, evaluation: dict[str, float]) -> bool:
+             scheduler: Any, train_loss: float, evaluation: dict[str, float]) -> bool:
         """The checkpoint after `step` (of `epoch`; the next step is group `resume_at[1]` of
-        epoch `resume_at[0]`); True when training should stop early."""
+        epoch `resume_at[0]`; `scheduler` is saved in its state); True when training should
+        stop early."""
         loss = validation_score(evaluation)
         is_best = False
         if loss is not None:
@@ -198,11 +207,9 @@ class Checkpointer:
                 masks, values, head = self.snapshot()
                 self.best.masks, self.best.values, self.best.head = (
                     _cpu(masks), _cpu(values), _cpu(head))
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(CheckpointReport(
-                step=step, total_steps=total, epoch=epoch,
-                metrics=report_metrics(train_loss, evaluation), is_best=is_best,
-                delta=self.make_delta, state=lambda: self.make_state(step, *resume_at)))
+        self._hand_over(step=step, total=total, epoch=epoch, resume_at=resume_at,
+                        scheduler=scheduler, metrics=report_metrics(train_loss, evaluation),
+                        is_best=is_best)
         patience = self.early_stopping.patience if self.early_stopping else None
         if loss is not None and patience is not None and self.best.stale >= patience and step < total:
             self.stopped_early = True

@@ -264,7 +264,7 @@ class _Trainer:
                                  best=checkpointer.best, trained_tokens=self.trained_tokens)
 
         checkpointer = Checkpointer(
-            steps=[], best=resume.best if resume else BestSoFar(), select=self.hyper.select,
+            best=resume.best if resume else BestSoFar(), select=self.hyper.select,
             early_stopping=self.hyper.early_stopping, snapshot=live,
             make_delta=lambda: self.make_delta(
                 {n: (layer.indices, layer.values) for n, layer in layers.items()}),
@@ -304,10 +304,6 @@ class _Trainer:
         evaluate_at = set(checkpoint_steps(total, steps_per_epoch,
                                            n_checkpoints=hyper.n_checkpoints,
                                            every_steps=hyper.checkpoint_every_steps))
-        if checkpointer is not None:
-            checkpointer.steps = evaluate_at
-            make_state = checkpointer.make_state
-            checkpointer.make_state = lambda *at: make_state(*at, scheduler)
         step, first_epoch, skip = 0, 0, 0
         if resume is not None:
             scheduler.load_state_dict(resume.scheduler)
@@ -325,7 +321,7 @@ class _Trainer:
                 self._check_cancel()
                 if checkpointer is not None and callbacks.should_pause and callbacks.should_pause():
                     checkpointer.pause(step=step, total=total, epoch=epoch,
-                                       resume_at=(epoch, index))
+                                       resume_at=(epoch, index), scheduler=scheduler)
                     raise TrainingPaused(f"training paused on request after step {step}")
                 loss_sum = 0.0
                 self.trained_tokens += sum(int(b["attention_mask"].sum()) for b in group)
@@ -357,7 +353,7 @@ class _Trainer:
                              else (epoch, index + 1))
                 if checkpointer is not None and checkpointer.take(
                         step=step, total=total, epoch=epoch, resume_at=resume_at,
-                        train_loss=loss_sum, evaluation=metrics):
+                        scheduler=scheduler, train_loss=loss_sum, evaluation=metrics):
                     self.model.eval()
                     return step, metrics
         self.model.eval()

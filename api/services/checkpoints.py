@@ -45,7 +45,7 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     key = checkpoint_key(checkpoint_id)
     stored = storage.put(key, delta)
     storage.put(Checkpoint.state_key_for(key), state)
-    after_rollback(session, lambda: _delete_objects(storage, key))
+    after_rollback(session, lambda: stored_objects.delete_stored(storage, Checkpoint, key))
     row = Checkpoint(id=checkpoint_id, tenant_id=job.tenant_id, job_id=job_id,
                      base_model=job.model, step=step, attempt=attempt, metrics=metrics,
                      bytes=stored.size, sha256=stored.sha256, storage_key=key)
@@ -59,11 +59,6 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     if keep is not None:
         _prune(session, storage, job_id=job_id, keep=keep)
     return row
-
-
-def _delete_objects(storage: Storage, key: str) -> None:
-    for object_key in (key, *Checkpoint.companion_keys(key)):
-        storage.delete(object_key)
 
 
 def _valid_loss(row: Checkpoint) -> float:
@@ -110,8 +105,7 @@ def get_checkpoint(session: Session, *, tenant_id: str, job_id: str,
                                   object_id=checkpoint_id, noun="checkpoint",
                                   param="checkpoint_id")
     if row.job_id != job_id:
-        raise NotFound(f"no such checkpoint: {checkpoint_id}",
-                                      param="checkpoint_id")
+        raise NotFound(f"no such checkpoint: {checkpoint_id}", param="checkpoint_id")
     return row
 
 

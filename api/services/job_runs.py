@@ -191,8 +191,8 @@ def publish_adapter(session: Session, *, storage: Storage, job_id: str, attempt:
     if succeeded:
         log.info("speft.job succeeded job_id=%s adapter_id=%s", job_id, adapter_id)
         return True
-    storage.delete(key)
-    # A cancel that came after the last step (a no-op when the job was re-queued meanwhile).
+    # The rollback above deleted the delta and results objects. A cancel that came after the
+    # last step is applied (a no-op when the job was re-queued meanwhile).
     with unit_of_work(session):
         cancelled = finish_cancelled(session, job_id=job_id, attempt=attempt)
     log.info("speft.job finished elsewhere, adapter discarded job_id=%s cancelled=%s",

@@ -78,14 +78,20 @@ def soft_delete(session: Session, storage: Storage, row: Row) -> Row:
     return row
 
 
+def delete_stored(storage: Storage, model: type[Row], storage_key: str) -> None:
+    """Delete a row's stored object and its companions (`model.companion_keys`, e.g. a
+    checkpoint's training state); missing objects are fine."""
+    companions = getattr(model, "companion_keys", lambda key: [])(storage_key)
+    for key in (storage_key, *companions):
+        storage.delete(key)
+
+
 def purge(session: Session, storage: Storage, model: type[Row], *, object_id: str,
           storage_key: str) -> None:
     """Delete a deleted row's stored bytes (a missing object is fine) and mark it purged; the
     caller commits."""
     table: Any = model
-    companions = getattr(table, "companion_keys", lambda key: [])(storage_key)
-    for key in (storage_key, *companions):
-        storage.delete(key)
+    delete_stored(storage, model, storage_key)
     session.execute(update(table).where(table.id == object_id).values(purged_at=utcnow()))
 
 
