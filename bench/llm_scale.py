@@ -83,8 +83,9 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 # --- model, batch, masks -------------------------------------------------------------------
 
 
-def build_model(shape: str, seq_len: int) -> nn.Module:
-    """A seeded random Llama of `shape`, built directly in bf16 (no fp32 copy ever exists)."""
+def build_model(shape: str, seq_len: int, device: str = "cpu") -> nn.Module:
+    """A seeded random Llama of `shape`, built directly in bf16 (no fp32 copy ever exists) on
+    `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq_len, 128),
@@ -93,15 +94,18 @@ def build_model(shape: str, seq_len: int) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
     return model
 
 
-def make_batch(vocab: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, seq_len: int, seed: int,
+               device: str = "cpu") -> dict[str, torch.Tensor]:
     """One example of random token ids; labels are the inputs (every token supervised)."""
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -112,12 +116,13 @@ def lm_example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> to
     return example_losses(model, batch, "causal_lm")
 
 
-def activation_floor_mib(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
+def activation_floor_mib(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                         device: str = "cpu") -> float:
     """Peak of one forward + backward that takes no weight gradient (grads to the embeddings)."""
     model.requires_grad_(False)
     hook = model.get_input_embeddings().register_forward_hook(
         lambda _m, _i, output: output.requires_grad_(True))
-    probe = MemoryProbe("cpu")
+    probe = MemoryProbe(device)
     probe.start()
     lm_example_losses(model, batch).sum().backward()
     peak = probe.result()["peak_mem_mib"]
@@ -131,14 +136,14 @@ def compute_masks(args: argparse.Namespace) -> dict[str, Any]:
     from speft_core.salience import SalienceInputs, compute_salience
     from speft_core.targets import find_target_linears
 
-    model = build_model(args.shape, args.seq_len)
+    model = build_model(args.shape, args.seq_len, args.device)
     model.eval()
-    batch = make_batch(model.config.vocab_size, args.seq_len, SEED + 1)
-    activations = activation_floor_mib(model, batch)
+    batch = make_batch(model.config.vocab_size, args.seq_len, SEED + 1, args.device)
+    activations = activation_floor_mib(model, batch, args.device)
     targets = find_target_linears(model)
     accumulator_mib = sum(t.weight.numel() * t.weight.element_size()
                           for t in targets.values()) / MIB
-    probe = MemoryProbe("cpu")
+    probe = MemoryProbe(args.device)
     probe.start()
     start = time.perf_counter()
     scores = compute_salience("gradient", SalienceInputs(model, targets, [batch],
@@ -229,28 +234,31 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from speft_core.train import gradient_checkpointing
 
     mask_info = torch.load(args.masks, weights_only=True) if args.masks else {}
-    base = build_model(args.shape, args.seq_len)
+    if mask_info:
+        mask_info["masks"] = {n: m.to(args.device) for n, m in mask_info["masks"].items()}
+    base = build_model(args.shape, args.seq_len, args.device)
     model = setup(args.method, base, mask_info)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
-    batch = make_batch(base.config.vocab_size, args.seq_len, SEED)
+    batch = make_batch(base.config.vocab_size, args.seq_len, SEED, args.device)
     with gradient_checkpointing(base, args.checkpointing == "on"):
-        probe = MemoryProbe("cpu")
+        probe = MemoryProbe(args.device)
         probe.start()
         for _ in range(args.warmup):
-            forward_backward(model, batch, "cpu")
+            forward_backward(model, batch, args.device)
             optimizer_update(optimizer)
         samples = []
         for _ in range(args.steps):
             load = LoadProbe()
-            samples.append({"step_ms": timed_step(model, batch, optimizer, "cpu"),
+            samples.append({"step_ms": timed_step(model, batch, optimizer, args.device),
                             **load.result()})
         memory = probe.result()
     step_ms = statistics.median(s["step_ms"] for s in samples)
     quiet = [s["step_ms"] for s in samples if s["other_cores"] < QUIET_CORES]
     return {
         "shape": args.shape, "method": args.method, "checkpointing": args.checkpointing,
+        "device": args.device,
         "step_ms": step_ms, "step_ms_all": [s["step_ms"] for s in samples],
         "tokens_per_s": args.seq_len / (step_ms / 1e3),
         "other_cores": statistics.median(s["other_cores"] for s in samples),
@@ -271,7 +279,8 @@ def run_child(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
     """Re-invoke this script with `extra` and return the JSON object it prints last."""
     command = [sys.executable, str(Path(__file__).resolve()), "--json",
                "--seq-len", str(args.seq_len), "--density", str(args.density),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), *extra]
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, *extra]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -389,6 +398,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full-max-gib", type=float, default=8.0,
                         help="skip full fine-tuning when its estimate exceeds this")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bf16 autocast steps, peaks from max_memory_allocated")
     parser.add_argument("--quick", action="store_true", help="tiny Llama, 2 steps (seconds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--shape", choices=tuple(SHAPES), help="child: this shape")

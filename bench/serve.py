@@ -3,7 +3,10 @@
 Both served models in one run, each with synthetic adapters (`speft_core.serving.random_delta`,
 random entries at `--density` of every targeted weight; a real delta in every other respect):
   - minilm-l6     classification, labels negative/positive, SST-2 dev sentences as inputs;
-  - stories-260k  causal_lm, short story prompts, `--max-tokens` greedy tokens per request.
+  - stories-260k  causal_lm, short story prompts, `--max-tokens` greedy tokens per request;
+  - llama-<shape> (opt-in: tiny, 125m, 1b) the same workload on a random bf16 Llama of
+                  bench/llm_scale.py's shape with stories-260k's tokenizer (speed needs no
+                  trained weights; `--models llama-1b --device cuda` is the GPU's 1B row).
 
 Measured (public engine API only: ServingEngine.load/adapter/classify/complete/close,
 `engine.served.swapped`, and a ServingObserver that only counts batches):
@@ -38,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -76,6 +80,7 @@ log = logging.getLogger("bench.serve")
 DEFAULT_OUT = REPO / "bench" / "results" / "serve.json"
 LABELS = ("negative", "positive")
 SEED = 0
+MODEL_CHOICES = ("minilm-l6", "stories-260k", "llama-tiny", "llama-125m", "llama-1b")
 TARGET_SWAP_MS = 1.0  # apply + restore, MiniLM at 1 %
 TARGET_COLD_LOAD_MS = 50.0  # median cold load
 TARGET_MIXED_RATIO = 0.8  # mixed batch of 8 adapters vs base-only
@@ -494,7 +499,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         default=Path(os.environ.get("SPEFT_DATA_DIR", shared / "data")),
                         help="folder holding sst2/ (default ../shared/data)")
     parser.add_argument("--models", default="minilm-l6,stories-260k",
-                        help="comma list out of minilm-l6,stories-260k")
+                        help=f"comma list out of {','.join(MODEL_CHOICES)} (llama-<shape>: a "
+                             "random bf16 Llama of bench/llm_scale.py's shape, stories-260k's "
+                             "tokenizer)")
     parser.add_argument("--rounds", type=int, help="measured throughput rounds (default 5, quick 1)")
     parser.add_argument("--swap-repeats", type=int, help="timed swaps per adapter (default 50, quick 10)")
     parser.add_argument("--swap-adapters", type=int, help="adapters timed for swap (default 8, quick 2)")
@@ -530,8 +537,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.swap_mixes = sorted({int(n) for n in args.swap_mixes.split(",") if n.strip()}
                              & set(args.mixes))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if set(args.models) - {"minilm-l6", "stories-260k"}:
-        parser.error("--models: choose out of minilm-l6,stories-260k")
+    if set(args.models) - set(MODEL_CHOICES):
+        parser.error(f"--models: choose out of {','.join(MODEL_CHOICES)}")
     if min([args.rounds, args.swap_repeats, args.swap_adapters, args.cold_adapters, *args.mixes]) < 1:
         parser.error("rounds, repeats, adapter counts and mixes must be at least 1")
     if not 0 < args.density <= 1:
@@ -539,8 +546,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
-    """The workloads of the chosen models."""
+def random_llama(shape: str, tokenizer_dir: Path, folder: Path) -> Path:
+    """A seeded random bf16 Llama of llm_scale's `shape` saved in `folder` with the tokenizer
+    of `tokenizer_dir` (vocabulary resized to it): a decoder of real size, no trained weights."""
+    from llm_scale import build_model
+
+    model = build_model(shape, 128)
+    model.resize_token_embeddings(len(load_tokenizer(tokenizer_dir)))
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    del model
+    return folder
+
+
+def model_specs(args: argparse.Namespace, folder: Path) -> list[ModelSpec]:
+    """The workloads of the chosen models (random ones are written under `folder`)."""
     specs = []
     if "minilm-l6" in args.models:
         spec = ModelSpec("minilm-l6", bundled_minilm_path(), "classification", LABELS,
@@ -556,6 +579,13 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
         specs.append(ModelSpec("stories-260k", path.resolve(), "causal_lm", (), args.lm_batch,
                                args.lm_requests, 1,
                                params=SamplingParams(max_tokens=args.max_tokens, temperature=0)))
+    for name in args.models:
+        if name.startswith("llama-"):
+            tokenizer_dir = args.models_dir / "stories260k"
+            path = random_llama(name.removeprefix("llama-"), tokenizer_dir, folder / name)
+            specs.append(ModelSpec(name, path, "causal_lm", (), args.lm_batch, args.lm_requests,
+                                   1, params=SamplingParams(max_tokens=args.max_tokens,
+                                                            temperature=0)))
     return specs
 
 
@@ -565,9 +595,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     start_run(args.threads)
     torch.manual_seed(SEED)
     started = time.perf_counter()
-    specs = model_specs(args)
     models = {}
     with tempfile.TemporaryDirectory(prefix="speft-serve-bench-") as tmp:
+        specs = model_specs(args, Path(tmp) / "models")
         for spec in specs:
             folder = Path(tmp) / spec.name
             folder.mkdir()

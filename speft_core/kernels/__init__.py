@@ -6,12 +6,18 @@ sum_t grad_out[t, row] * x[t, col]: the gradient of the masked entries only, nev
 - CPU: a small C++ extension built on first use (`sddmm_cpu.cpp`; `build.py` caches it per
   source, environment and CPU, and survives a builder killed mid-build);
   where no compiler is available, `torch.sparse.sampled_addmm` on transposed operands.
-- CUDA: `torch.sparse.sampled_addmm` (cuSPARSE SDDMM) over the pattern's CSR layout.
+- CUDA: a Triton kernel (`triton_kernels.py`, the `gpu` extra) for fp32 / fp16 / bf16; without
+  Triton, or for fp64, `torch.sparse.sampled_addmm` (cuSPARSE SDDMM) over the pattern's CSR
+  layout, which stays the reference.
 
 `segment_sparse_add(x, y, plan)` adds, for each segment of batch rows, its own adapter's x·Δᵀ
 into y (the mixed batch of serving): one C++ call per module on the CPU
-(`segment_add_cpu.cpp`); on CUDA one gather and one accumulating index_put over every
-(row, entry) pair of the batch; else a gather / multiply / index_add per segment.
+(`segment_add_cpu.cpp`); on CUDA one Triton launch per module over a per-batch segment table;
+on CUDA without Triton one gather and one accumulating index_put over every (row, entry) pair
+of the batch; else (the reference) a gather / multiply / index_add per segment.
+
+`SPEFT_TRITON=0` turns the Triton kernels off. `SPEFT_TRITON=1` with `TRITON_INTERPRET=1`
+runs them on CPU tensors through Triton's interpreter: how the tests check them without a GPU.
 """
 from __future__ import annotations
 
@@ -38,6 +44,26 @@ _lock = threading.Lock()
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
 _CPU_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_for(device: torch.device) -> ModuleType | None:
+    """The Triton kernels module where it serves this device, else None.
+
+    On CUDA when Triton imports (unless SPEFT_TRITON=0); on the CPU only when forced through
+    the interpreter (SPEFT_TRITON=1 and TRITON_INTERPRET=1).
+    """
+    choice = os.environ.get("SPEFT_TRITON", "auto")
+    if choice == "0":
+        return None
+    if device.type != "cuda" and not (
+            choice == "1" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from speft_core.kernels import triton_kernels as module
+    except ImportError:  # no `gpu` extra: the torch paths
+        return None
+    return module
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,9 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
         grad_out, x = grad_out.to(dtype), x.to(dtype)
     if pattern.nnz == 0:
         return grad_out.new_zeros(0)
+    gpu = triton_for(grad_out.device) if grad_out.dtype in _TRITON_DTYPES else None
+    if gpu is not None:
+        return gpu.sampled_grad(grad_out, x, pattern.rows, pattern.cols)
     if grad_out.device.type == "cpu":  # bf16 / fp16 widen to fp32 inside the kernel
         ext = load_cpu_extension()
         if ext is not None:
@@ -168,6 +197,7 @@ class SegmentPlan:
     pair_cols: torch.Tensor | None = None
     pair_outs: torch.Tensor | None = None
     pair_values: torch.Tensor | None = None
+    triton: object | None = None  # triton_kernels.TritonSegments where those kernels serve
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, RowEntries | None]]) -> SegmentPlan:
@@ -175,11 +205,14 @@ class SegmentPlan:
         device = torch.device(next((e.cols.device for _, _, e in segments if e is not None),
                                    "cpu"))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
-        if device.type != "cpu":  # the CSR layout feeds the CPU kernel only
+        gpu = triton_for(device)
+        if gpu is not None or device.type != "cpu":  # the CSR layout feeds the CPU kernel only
             no_rows = torch.zeros(1, dtype=torch.int64)
+            layout = ({"triton": gpu.TritonSegments.build(segments, device)} if gpu is not None
+                      else pair_layout(segments))
             return cls(segment_rows=no_rows, segment_used=no_rows, used_rows=empty,
                        row_ptr=empty, cols=empty, values=empty.float(),
-                       segments=tuple(segments), **pair_layout(segments))
+                       segments=tuple(segments), **layout)
         used, ptrs, cols, values = [], [], [], []
         offset = 0
         for _, _, entries in segments:
@@ -209,7 +242,10 @@ def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, plan: SegmentPlan) -> N
     x is (batch, ..., n_in) and y (batch, ..., n_out), both batch-first: a segment's rows are
     all of their tokens.
     """
-    if (x.device.type == "cpu" and x.dtype in _CPU_DTYPES and plan.values.dtype == x.dtype
+    if plan.triton is not None and y.is_contiguous() and x.dtype in _TRITON_DTYPES:
+        triton_for(x.device).segment_sparse_add(x, y, plan.triton)
+        return
+    if (plan.triton is None and x.device.type == "cpu" and x.dtype in _CPU_DTYPES and plan.values.dtype == x.dtype
             and x.is_contiguous() and y.is_contiguous()):
         ext = _cpu_ext or load_cpu_extension()
         if ext is not None:
