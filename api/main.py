@@ -27,6 +27,7 @@ from api.routes import inference as inference_routes
 from api.services import inference, tenants
 from api.services.models import register_builtin_models
 from api.services.quotas import TenantRateLimiter
+from api.ui import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -130,4 +131,5 @@ def create_app(settings: Settings | None = None, *, open_mode: bool | None = Non
     app.include_router(inference_routes.router, prefix="/v1")  # before /adapters/{id}
     app.include_router(adapters.router, prefix="/v1")
     app.include_router(health.router)
+    install_ui(app)
     return app
