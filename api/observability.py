@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -44,20 +45,35 @@ except ImportError:  # earlier FastAPI copies every included route with its full
     iter_route_contexts = None  # type: ignore[assignment]
 
 
+# Statuses whose worker is alive and heart-beating (the reconciler's view of a running attempt).
+BEATING = (JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED)
+
+
 class JobStatusCollector(Collector):
-    """`speft_jobs{status}`: how many jobs are in each status, read from the database."""
+    """`speft_jobs{status}`: how many jobs are in each status, and
+    `speft_job_heartbeat_age_seconds`: how long ago the stalest running job's worker last beat
+    (0 with none running), both read from the database."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """One gauge sample per status (zero where none)."""
+        """One gauge sample per status (zero where none), then the heartbeat age."""
         family = GaugeMetricFamily("speft_jobs", "Jobs by status", labels=["status"])
         with self.sessions() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            oldest = session.scalar(select(func.min(Job.heartbeat_at)).where(
+                Job.status.in_(BEATING), Job.heartbeat_at.is_not(None)))
         for status in JobStatus:
             family.add_metric([status.value], float(counts.get(status.value, 0)))
         yield family
+        age = 0.0
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+            age = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        yield GaugeMetricFamily("speft_job_heartbeat_age_seconds",
+                                "Seconds since the stalest running job's worker last beat",
+                                value=age)
 
 
 @dataclass(frozen=True)

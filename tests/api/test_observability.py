@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
@@ -112,3 +113,34 @@ def test_nested_and_twice_included_routers_get_their_full_templates():
     count = lambda route: registry.get_sample_value(
         "r_total", {"method": "GET", "route": route, "status": "200"})
     assert (count("/a/inner/items/{item_id}"), count("/b/items/{item_id}")) == (1, 2)
+
+
+def test_metrics_show_the_stalest_running_heartbeat(make_client):
+    """`speft_job_heartbeat_age_seconds` is 0 with nothing running, then the age of the oldest
+    heartbeat among running jobs (a worker that stopped beating shows as a growing age)."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import update
+
+    from api.core.models import Job
+
+    client = make_client()
+    age = lambda: _samples(client.get("/metrics").text)[("speft_job_heartbeat_age_seconds", ())]
+    assert age() == 0
+    sample = "".join(json.dumps({"text": f"s {i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
+    file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                          files={"file": ("t.jsonl", sample.encode())}).json()["id"]
+    client.app.state.enqueue_job = type("Recorder", (), {"__call__": lambda self, job_id, device: None,
+                                                          "check": lambda self: None})()
+    ids = [client.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6",
+                                                     "training_file": file_id}).json()["id"]
+           for _ in range(2)]
+    now = datetime.now(UTC)
+    with client.app.state.sessions.begin() as session:
+        for job_id, seconds in zip(ids, (300, 20), strict=True):
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status="running", heartbeat_at=now - timedelta(seconds=seconds)))
+    assert 299 <= age() < 360
+    with client.app.state.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == ids[0]).values(status="failed"))
+    assert 19 <= age() < 80
