@@ -207,6 +207,36 @@ def test_the_dashboard_flow_in_a_real_browser(stack: Stack, browser: Any, tmp_pa
     _accessible(page, "playground")
     _screenshot(page, "dashboard-playground")
 
+    # completion mode with a composition of both, alone: the API's own answer for it
+    page.select_option("#play-mode", "completion")
+    page.select_option("#adapter-b", "")
+    page.fill("#compose-a", f"{adapter}:0.5, {other}:0.5")
+    page.fill("#play-input", "Once upon a time")
+    page.click("#play-run")
+    page.wait_for_selector("#out-a[data-done='true'] .generated")
+    assert page.is_hidden("#pane-b")
+    composition = [{"id": adapter, "weight": 0.5}, {"id": other, "weight": 0.5}]
+    with _api(stack, KEY_A) as client:
+        answer = client.post("/v1/completions", json={
+            "model": "stories-260k", "adapter": composition, "prompt": "Once upon a time",
+            "max_tokens": 12, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    assert page.inner_text("#out-a .generated") == answer.json()["choices"][0]["text"]
+    assert page.inner_text("#out-a-which") == f"{adapter} × 0.5 + {other} × 0.5"
+
+    # cancel from a job's page: a long job, stopped by its Cancel button
+    with _api(stack, KEY_A) as client:
+        upload = client.post("/v1/files", data={"purpose": "fine-tune"},
+                             files={"file": ("chat.jsonl", CHAT_SET.read_bytes())})
+        long_job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "stories-260k", "training_file": upload.json()["id"],
+            "hyperparameters": {**HYPERPARAMETERS, "n_epochs": 100}}).json()["id"]
+    page.goto(f"{stack.url}/ui/jobs/{long_job}")
+    page.wait_for_selector("#cancel-job", state="visible")
+    page.click("#cancel-job")
+    page.wait_for_selector("#job-status:has-text('cancelled')", timeout=JOB_TIMEOUT_MS)
+    assert page.is_hidden("#cancel-job")
+
     # delete the comparison adapter from its page
     page.goto(f"{stack.url}/ui/adapters")
     page.once("dialog", lambda dialog: dialog.accept())
