@@ -61,6 +61,9 @@ LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut shor
     "explore-20%": {**RAW, "explore_fraction": 0.2},
     "dynamic": {**RAW, "mask": "dynamic", "update_interval": 8},
     "scoring-64": {**RAW, "scoring_examples": 64},
+    # only matters with a warmed head: measured on top of the default recipe
+    "default+holdout-25%": {"head_warmup_steps": 16, "score_normalization": "module",
+                            "scoring_holdout": 0.25},
 }
 HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
 

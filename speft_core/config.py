@@ -82,6 +82,12 @@ class SpeftConfig:
         metadata={"help": "fraction [0, 1) of the budget given to uniformly random entries "
                           "outside the salience choice"},
     )
+    scoring_holdout: float = field(
+        default=0.0,
+        metadata={"help": "fraction [0, 0.5] of the training examples held out of the head "
+                          "warm-up and used alone for salience scoring (all of them still "
+                          "train afterwards); 0: warm-up and scoring draw from all"},
+    )
     head_warmup_steps: int = field(
         default=16,
         metadata={"help": "classification: optimizer steps that train the new head alone "
@@ -130,6 +136,7 @@ class SpeftConfig:
         if float(self.explore_fraction) >= 1.0:
             raise ConfigError("explore_fraction must be below 1", param="explore_fraction")
         _check_int_range("head_warmup_steps", self.head_warmup_steps, 0, 100_000)
+        _check_float_range("scoring_holdout", self.scoring_holdout, 0.0, 0.5)
 
     @property
     def is_dynamic(self) -> bool:

@@ -136,14 +136,28 @@ class _Trainer:
                                       pad_token_id=self.pad_token_id, shuffle=shuffle, seed=seed):
             yield _to(batch, self.device)
 
+    def _holdout_split(self) -> tuple[list[int], list[int]]:
+        """(held-out, the rest) indices of the training examples: `scoring_holdout` of them
+        (seeded; at least one, and at least one left) for scoring only, the rest for the head
+        warm-up. Nothing is held out at 0."""
+        n = len(self.train_features)
+        if self.speft.scoring_holdout == 0 or n < 2:
+            return list(range(n)), list(range(n))
+        held = min(n - 1, max(1, round(float(self.speft.scoring_holdout) * n)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.hyper.seed + 15_485_863)).tolist()
+        return sorted(order[:held]), sorted(order[held:])
+
     def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
-        """`scoring_examples` training examples, a fresh draw each round (dynamic masks)."""
+        """`scoring_examples` training examples (of the held-out part, when there is one), a
+        fresh draw each round (dynamic masks)."""
         seed = self.hyper.seed + 7919 * (self.scoring_round + 1)
         self.scoring_round += 1
-        count = min(self.speft.scoring_examples, len(self.train_features))
-        order = torch.randperm(len(self.train_features),
+        pool = self._holdout_split()[0]
+        count = min(self.speft.scoring_examples, len(pool))
+        order = torch.randperm(len(pool),
                                generator=torch.Generator().manual_seed(seed))[:count].tolist()
-        chosen = [self.train_features[i] for i in order]
+        chosen = [self.train_features[pool[i]] for i in order]
         size = self.speft.scoring_batch_size or self.hyper.batch_size
         return list(self._batches(chosen, shuffle=False, seed=seed, size=size))
 
@@ -190,8 +204,9 @@ class _Trainer:
                                       lr=self.hyper.head_learning_rate or self.hyper.learning_rate)
         self.model.train()
         done, losses = 0, []
+        warmup_features = [self.train_features[i] for i in self._holdout_split()[1]]
         while done < steps:
-            for batch in self._batches(self.train_features, shuffle=True,
+            for batch in self._batches(warmup_features, shuffle=True,
                                        seed=self.hyper.seed + 104_729 + done):
                 self._check_cancel()
                 with _autocast(self.device):

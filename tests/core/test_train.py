@@ -440,3 +440,37 @@ def test_head_warm_up_trains_the_head_alone_before_scoring():
                for n in cold.delta.modules)
     assert all(torch.equal(p, encoder[n])  # training leaves the base as it found it
                for n, p in model.named_parameters() if n in encoder)
+
+
+def test_scoring_holdout_scores_on_examples_the_head_warm_up_never_saw():
+    """scoring_holdout 0.25: salience is scored on a quarter of the training examples, the head
+    warm-up uses the other three quarters, and training then sees all of them."""
+    features = synthetic_features(32)
+    for index, feature in enumerate(features):  # a first token that names the example
+        feature["input_ids"][0] = index + 1
+    phase, seen = ["warm-up"], {"warm-up": set(), "scoring": set(), "training": set()}
+    advance = {"head warmed up": "scoring", "mask selected": "training"}
+
+    def on_event(message: str, _data: dict) -> None:
+        if message in advance:
+            phase[0] = advance[message]
+
+    callbacks = TrainCallbacks(on_event=on_event)
+    model = tiny_bert()
+    model.bert.embeddings.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen[phase[0]].update(
+            int(i) - 1 for i in kwargs.get("input_ids", args[0] if args else None)[:, 0]
+            if int(i) != PAD), with_kwargs=True)
+    train_tiny(model, features=features, callbacks=callbacks, metric="gradient",
+               head_warmup_steps=3, scoring_holdout=0.25, scoring_examples=1024, n_epochs=1)
+    assert len(seen["scoring"]) == 8
+    assert seen["warm-up"] and not seen["warm-up"] & seen["scoring"]
+    assert seen["warm-up"] | seen["scoring"] <= set(range(32))
+    assert seen["training"] == set(range(32))
+
+
+@pytest.mark.parametrize("value", [-0.1, 0.6, "half"])
+def test_scoring_holdout_out_of_range_names_the_field(value):
+    with pytest.raises(ConfigError, match="scoring_holdout") as caught:
+        SpeftConfig(scoring_holdout=value)
+    assert caught.value.param == "scoring_holdout"
