@@ -271,19 +271,66 @@ def rank_levers(table: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[
                          "mean_dev_rank": statistics.fmean(ranks[k].values())} for k in order]}
 
 
-def render(path: Path) -> str:
-    """The markdown tables of a results JSON, also of one a run left partial."""
-    report = json.loads(path.read_text())
-    names = list(report["tasks"])
-    if "levers" in report or "levers_partial" in report:
-        result = report.get("levers") or rank_levers(report["levers_partial"]["table"], names)
+def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
+    """The finished tasks of several suite results, in order: a later file's rows replace an
+    earlier one's for the same (task, method) (e.g. baselines from one run, SPEFT rows from a
+    later one); then the cross-task ranks and the targets over the merge."""
+    merged: dict[str, Any] = {"sources": [str(p) for p in paths], "tasks": {}}
+    for path in paths:
+        for name, task in json.loads(path.read_text())["tasks"].items():
+            if "summary" not in task:
+                continue
+            into = merged["tasks"].setdefault(name, {"model": task["model"], "summary": [],
+                                                     "rates": {}, "rate_at_grid_edge": [],
+                                                     "runs": []})
+            methods = {row["method"] for row in task["summary"]}
+            into["summary"] = [r for r in into["summary"] if r["method"] not in methods]
+            into["summary"] += task["summary"]
+            into["rates"] |= task.get("rates", {})
+            into["rate_at_grid_edge"] = sorted(
+                {m for m in into["rate_at_grid_edge"] if m not in methods}
+                | set(task.get("rate_at_grid_edge", [])))
+            into["runs"] = [r for r in into["runs"] if r["method"] not in methods]
+            into["runs"] += task.get("runs", [])
+            for key in ("train_examples", "dev_examples", "test_examples", "protocol"):
+                if key in task:
+                    into[key] = task[key]
+    merged["across_tasks"] = across_tasks(merged)
+    merged["targets"] = targets(merged)
+    return merged
+
+
+def render(paths: Sequence[Path], out: Path | None = None) -> str:
+    """The markdown tables of results JSONs (also ones a run left partial): a lever screen's,
+    or the suite's merged over every file given, with the targets; `out`: write the merge."""
+    first = json.loads(paths[0].read_text())
+    if "levers" in first or "levers_partial" in first:
+        names = list(first["tasks"])
+        result = first.get("levers") or rank_levers(first["levers_partial"]["table"], names)
         return levers_markdown(result, names)
-    done = {n: t for n, t in report["tasks"].items() if "summary" in t}
+    merged = merge_reports(paths)
+    if out is not None:
+        out.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    done = merged["tasks"]
     parts = [f"{n} ({t['model']}):\n{markdown(t['summary'], TASKS[n].task)}"
              for n, t in done.items()]
     if done:
-        parts.append(ranks_markdown(across_tasks({"tasks": done}), list(done)))
+        parts.append(ranks_markdown(merged["across_tasks"], list(done)))
+        parts.append(targets_markdown(merged["targets"]))
+    edges = {n: t["rate_at_grid_edge"] for n, t in done.items() if t["rate_at_grid_edge"]}
+    if edges:
+        parts.append(f"rates on a grid edge: {edges}")
     return "\n\n".join(parts)
+
+
+def targets_markdown(checks: Sequence[dict[str, Any]]) -> str:
+    """Each target per task with its margin (points, or perplexity for decoders)."""
+    lines = ["| task | target | margin | met |", "|---|---|---:|---|"]
+    for c in checks:
+        margin = "—" if c["margin"] is None else f"{c['margin']:+.2f}"
+        lines.append(f"| {c['task']} | {c['target']} | {margin} | "
+                     f"{'yes' if c['met'] else 'no' if c['margin'] is not None else 'not run'} |")
+    return "\n".join(lines)
 
 
 def levers_markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
@@ -325,12 +372,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny subsets, one seed, one rate per family (smoke test)")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="print the tables of a results file (also a partial one) and exit")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="print the tables of results files (also partial ones; suite "
+                             "files are merged in order, later rows replacing earlier ones) "
+                             "and the targets over them, write the merge to --out if given, "
+                             "and exit")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
-    if args.out is None:
+    if args.out is None and not args.render:
         args.out = RESULTS / ("quality_levers.json" if args.levers else "quality.json")
     return args
 
@@ -339,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the suite (or the lever screen), write the JSON, print the tables."""
     args = parse_args(argv)
     if args.render:
-        print(render(args.render))
+        print(render(args.render, args.out))
         return {}
     start_run(args.threads)
     started = time.perf_counter()

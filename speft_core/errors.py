@@ -74,6 +74,10 @@ class TrainingCancelled(SpeftError):
 
 class TrainingPaused(SpeftError):
     """The pause check returned True: a checkpoint with the training state was handed to the
-    checkpoint callback, then training stopped between steps."""
+    checkpoint callback, then training stopped between steps; `step` is the last step done."""
 
     code = "paused"
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step

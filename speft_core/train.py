@@ -337,7 +337,8 @@ class _Trainer:
                 if checkpointer is not None and callbacks.should_pause and callbacks.should_pause():
                     checkpointer.pause(step=step, total=total, epoch=epoch,
                                        resume_at=(epoch, index), scheduler=scheduler)
-                    raise TrainingPaused(f"training paused on request after step {step}")
+                    raise TrainingPaused(f"training paused on request after step {step}",
+                                         step=step)
                 loss_sum = 0.0
                 self.trained_tokens += sum(int(b["attention_mask"].sum()) for b in group)
                 for batch in group:

@@ -119,8 +119,7 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
     except TrainingPaused as err:
         rollback_and_undo(session)
         with unit_of_work(session):
-            step = session.scalar(select(Job.progress_step).where(Job.id == job_id)) or 0
-            finish_paused(session, job_id=job_id, step=step, attempt=attempt)
+            finish_paused(session, job_id=job_id, step=err.step, attempt=attempt)
         log.info("speft.job paused job_id=%s: %s", job_id, err.message)
     except TrainingCancelled:
         rollback_and_undo(session)

@@ -286,11 +286,6 @@ def stop_requested(session: Session, *, job_id: str) -> JobStatus | None:
     return JobStatus.PAUSE_REQUESTED if status == JobStatus.PAUSE_REQUESTED else None
 
 
-def is_cancel_requested(session: Session, *, job_id: str) -> bool:
-    """Whether the job's worker should stop for good: cancel requested, or already cancelled."""
-    return stop_requested(session, job_id=job_id) == JobStatus.CANCEL_REQUESTED
-
-
 def finish_succeeded(
     session: Session,
     *,

@@ -29,10 +29,10 @@ from api.services.jobs import (
     finish_failed,
     finish_paused,
     finish_succeeded,
-    is_cancel_requested,
     record_eval,
     record_progress,
     request_cancel,
+    stop_requested,
 )
 
 NON_TERMINAL = {JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING,
@@ -130,7 +130,7 @@ def test_cancel_of_a_queued_job_is_immediate(db_sessions):
         assert request_cancel(session, job_id=job_id)
         session.commit()
         assert session.get(Job, job_id).finished_at is not None
-        assert is_cancel_requested(session, job_id=job_id)
+        assert stop_requested(session, job_id=job_id) == JobStatus.CANCEL_REQUESTED
         assert not claim_job(session, job_id=job_id, worker="w")
     assert status_of(db_sessions, job_id) == JobStatus.CANCELLED
 
@@ -138,10 +138,10 @@ def test_cancel_of_a_queued_job_is_immediate(db_sessions):
 def test_cancel_of_a_running_job_asks_the_worker_to_stop(db_sessions):
     job_id = make_job(db_sessions, JobStatus.RUNNING)
     with db_sessions() as session:
-        assert not is_cancel_requested(session, job_id=job_id)
+        assert stop_requested(session, job_id=job_id) is None
         assert request_cancel(session, job_id=job_id)
         session.commit()
-        assert is_cancel_requested(session, job_id=job_id)
+        assert stop_requested(session, job_id=job_id) == JobStatus.CANCEL_REQUESTED
         assert status_of(db_sessions, job_id) == JobStatus.CANCEL_REQUESTED
         assert not request_cancel(session, job_id=job_id)  # asking twice changes nothing
         assert not _succeed(session, job_id)  # a cancel request wins over a late success
