@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's interpreter runs the GPU kernels on CPU tensors (tests/core/test_triton_kernels.py).
+# It must be on before anything imports Triton: transformers does at model load, and Triton
+# reads the setting once, so a later change would leave its own helpers (tl.sum) compiled.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 

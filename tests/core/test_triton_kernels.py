@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton decorates the kernels
+os.environ["TRITON_INTERPRET"] = "1"  # tests/conftest.py sets it first: before any Triton import
 
 import pytest
 import torch
