@@ -131,7 +131,8 @@ def draw_plots(results: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     written = []
-    quality = _load(results / "quality.json")
+    # the suite as run in parts and merged (`quality.py --render … --out`), else one run's
+    quality = _load(results / "quality_suite_merged.json") or _load(results / "quality.json")
     if quality and quality.get("tasks") and "summary" in next(iter(quality["tasks"].values())):
         plot_quality(quality, results / "quality_accuracy_vs_params.png")
         written.append(results / "quality_accuracy_vs_params.png")
