@@ -304,9 +304,19 @@ def render(paths: Sequence[Path], out: Path | None = None) -> str:
     """The markdown tables of results JSONs (also ones a run left partial): a lever screen's,
     or the suite's merged over every file given, with the targets; `out`: write the merge."""
     first = json.loads(paths[0].read_text())
-    if "levers" in first or "levers_partial" in first:
+    if "levers" in first or "levers_partial" in first:  # screens: their tables, ranked together
         names = list(first["tasks"])
-        result = first.get("levers") or rank_levers(first["levers_partial"]["table"], names)
+        table: dict[str, dict[str, Any]] = {}
+        for path in paths:
+            report = json.loads(path.read_text())
+            screened = report.get("levers") or report.get("levers_partial") or {}
+            for lever, cells in screened.get("table", {}).items():
+                table.setdefault(lever, {}).update(
+                    {task: cell for task, cell in cells.items() if "same_as" not in cell})
+        result = rank_levers(table, names)
+        if out is not None:
+            out.write_text(json.dumps({"sources": [str(p) for p in paths], "tasks": names,
+                                       "levers": result}, indent=1, default=str) + "\n")
         return levers_markdown(result, names)
     merged = merge_reports(paths)
     if out is not None:
