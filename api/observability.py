@@ -14,7 +14,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -35,18 +34,15 @@ from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.db import ObservedQueuePool
-from api.core.models import Job, JobStatus
+from api.core.models import Job, JobStatus, utcnow
 from api.errors import Unauthorized
+from api.services.jobs import ACTIVE_STATUSES
 from speft_core.serving import ServingEngine, ServingObserver
 
 try:  # FastAPI with lazily included routers: the matched route's own path lacks the prefix
     from fastapi.routing import iter_route_contexts
 except ImportError:  # earlier FastAPI copies every included route with its full path
     iter_route_contexts = None  # type: ignore[assignment]
-
-
-# Statuses whose worker is alive and heart-beating (the reconciler's view of a running attempt).
-BEATING = (JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED)
 
 
 class JobStatusCollector(Collector):
@@ -63,14 +59,12 @@ class JobStatusCollector(Collector):
         with self.sessions() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             oldest = session.scalar(select(func.min(Job.heartbeat_at)).where(
-                Job.status.in_(BEATING), Job.heartbeat_at.is_not(None)))
+                Job.status.in_(ACTIVE_STATUSES)))  # MIN skips jobs with no heartbeat yet
         for status in JobStatus:
             family.add_metric([status.value], float(counts.get(status.value, 0)))
         yield family
-        age = 0.0
-        if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-            age = max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        # min() keeps the column's type, so `oldest` reads back timezone-aware on every backend
+        age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
         yield GaugeMetricFamily("speft_job_heartbeat_age_seconds",
                                 "Seconds since the stalest running job's worker last beat",
                                 value=age)

@@ -129,6 +129,8 @@ class _Trainer:
         self.best_step: int | None = None
         self.stopped_early = False
         self.trained_tokens = 0
+        # training examples to score on, and those the head warm-up trains on
+        self.scoring_pool, self.warmup_pool = self._holdout_split()
 
     # -- data -----------------------------------------------------------------------------
     def _batches(self, features, *, shuffle: bool, seed: int, size: int | None = None):
@@ -153,7 +155,7 @@ class _Trainer:
         fresh draw each round (dynamic masks)."""
         seed = self.hyper.seed + 7919 * (self.scoring_round + 1)
         self.scoring_round += 1
-        pool = self._holdout_split()[0]
+        pool = self.scoring_pool
         count = min(self.speft.scoring_examples, len(pool))
         order = torch.randperm(len(pool),
                                generator=torch.Generator().manual_seed(seed))[:count].tolist()
@@ -204,7 +206,7 @@ class _Trainer:
                                       lr=self.hyper.head_learning_rate or self.hyper.learning_rate)
         self.model.train()
         done, losses = 0, []
-        warmup_features = [self.train_features[i] for i in self._holdout_split()[1]]
+        warmup_features = [self.train_features[i] for i in self.warmup_pool]
         while done < steps:
             for batch in self._batches(warmup_features, shuffle=True,
                                        seed=self.hyper.seed + 104_729 + done):

@@ -27,10 +27,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from speft_core.kernels.build import load_extension
+
+if TYPE_CHECKING:  # Triton is imported only where its kernels serve (triton_for)
+    from speft_core.kernels.triton_kernels import TritonSegments
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +201,7 @@ class SegmentPlan:
     pair_cols: torch.Tensor | None = None
     pair_outs: torch.Tensor | None = None
     pair_values: torch.Tensor | None = None
-    triton: object | None = None  # triton_kernels.TritonSegments where those kernels serve
+    triton: TritonSegments | None = None  # the Triton kernel's layout, where it serves
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, RowEntries | None]]) -> SegmentPlan:
@@ -243,9 +247,10 @@ def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, plan: SegmentPlan) -> N
     all of their tokens.
     """
     if plan.triton is not None and y.is_contiguous() and x.dtype in _TRITON_DTYPES:
-        triton_for(x.device).segment_sparse_add(x, y, plan.triton)
+        plan.triton.add(x, y)
         return
-    if (plan.triton is None and x.device.type == "cpu" and x.dtype in _CPU_DTYPES and plan.values.dtype == x.dtype
+    if (plan.triton is None and x.device.type == "cpu" and x.dtype in _CPU_DTYPES
+            and plan.values.dtype == x.dtype
             and x.is_contiguous() and y.is_contiguous()):
         ext = _cpu_ext or load_cpu_extension()
         if ext is not None:

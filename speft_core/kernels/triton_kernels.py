@@ -174,6 +174,10 @@ class TritonSegments:
             max_used=max((e.used_rows.numel() for e in present), default=0),
         )
 
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """`segment_sparse_add(x, y, self)`: the plan's own kernel, no device lookup per call."""
+        segment_sparse_add(x, y, self)
+
 
 def segment_sparse_add(x: torch.Tensor, y: torch.Tensor, layout: TritonSegments) -> None:
     """y[b] += x[b] · Δ_{segment(b)}ᵀ for every batch row b, in place; x (batch, ..., n_in) and

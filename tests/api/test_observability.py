@@ -17,17 +17,27 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_metrics_count_requests_by_route_and_jobs_by_status(make_client):
-    client = make_client()
+def _queued_jobs(client: TestClient, count: int) -> list[str]:
+    """`count` queued jobs on one small file (nothing is sent to a broker); their ids."""
     sample = "".join(json.dumps({"text": f"s {i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
     file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
                           files={"file": ("t.jsonl", sample.encode())}).json()["id"]
     client.app.state.enqueue_job = type("Recorder", (), {"__call__": lambda self, job_id, device: None,
                                                           "check": lambda self: None})()
-    job = client.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6", "training_file": file_id})
-    assert job.status_code == 201
+    ids = []
+    for _ in range(count):
+        job = client.post("/v1/fine_tuning/jobs",
+                          json={"model": "minilm-l6", "training_file": file_id})
+        assert job.status_code == 201
+        ids.append(job.json()["id"])
+    return ids
+
+
+def test_metrics_count_requests_by_route_and_jobs_by_status(make_client):
+    client = make_client()
+    (job_id,) = _queued_jobs(client, 1)
     for _ in range(3):
-        assert client.get(f"/v1/fine_tuning/jobs/{job.json()['id']}").status_code == 200
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
     assert client.get("/v1/fine_tuning/jobs/ftjob-missing").status_code == 404
 
     resp = client.get("/metrics")
@@ -127,14 +137,7 @@ def test_metrics_show_the_stalest_running_heartbeat(make_client):
     client = make_client()
     age = lambda: _samples(client.get("/metrics").text)[("speft_job_heartbeat_age_seconds", ())]
     assert age() == 0
-    sample = "".join(json.dumps({"text": f"s {i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
-    file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                          files={"file": ("t.jsonl", sample.encode())}).json()["id"]
-    client.app.state.enqueue_job = type("Recorder", (), {"__call__": lambda self, job_id, device: None,
-                                                          "check": lambda self: None})()
-    ids = [client.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6",
-                                                     "training_file": file_id}).json()["id"]
-           for _ in range(2)]
+    ids = _queued_jobs(client, 2)
     now = datetime.now(UTC)
     with client.app.state.sessions.begin() as session:
         for job_id, seconds in zip(ids, (300, 20), strict=True):
