@@ -64,6 +64,9 @@ LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut shor
     # only matters with a warmed head: measured on top of the default recipe
     "default+holdout-25%": {"head_warmup_steps": 16, "score_normalization": "module",
                             "scoring_holdout": 0.25},
+    # on top of the default: no row or column beyond N times its even share of the budget
+    **{f"default+spread-{cap}": {"head_warmup_steps": 16, "score_normalization": "module",
+                                 "spread_cap": cap} for cap in (4, 8, 2)},
 }
 HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
 

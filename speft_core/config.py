@@ -82,6 +82,13 @@ class SpeftConfig:
         metadata={"help": "fraction [0, 1) of the budget given to uniformly random entries "
                           "outside the salience choice"},
     )
+    spread_cap: float = field(
+        default=0.0,
+        metadata={"help": "0 (off), or at least 1: no row or column of a module holds more "
+                          "than this many times its even share of the budget (density x the "
+                          "row's or column's length); gradient salience otherwise piles onto "
+                          "a few input features"},
+    )
     scoring_holdout: float = field(
         default=0.0,
         metadata={"help": "fraction [0, 0.5] of the training examples held out of the head "
@@ -136,6 +143,12 @@ class SpeftConfig:
         if float(self.explore_fraction) >= 1.0:
             raise ConfigError("explore_fraction must be below 1", param="explore_fraction")
         _check_int_range("head_warmup_steps", self.head_warmup_steps, 0, 100_000)
+        _check_float_range("spread_cap", self.spread_cap, 0.0, 1000.0)
+        if 0 < float(self.spread_cap) < 1:
+            raise ConfigError("spread_cap must be 0 (off) or at least 1", param="spread_cap")
+        if self.spread_cap and self.module_floor:
+            raise ConfigError("spread_cap and module_floor cannot be combined; set one of them "
+                              "to 0", param="spread_cap")
         _check_float_range("scoring_holdout", self.scoring_holdout, 0.0, 0.5)
 
     @property

@@ -12,6 +12,7 @@ import torch
 
 from .config import SpeftConfig, resolve_density
 from .delta import index_dtype
+from .spread import capped_top
 from .topk import top_positions
 
 
@@ -88,14 +89,23 @@ def choose_mask(scores: dict[str, torch.Tensor], speft: SpeftConfig, *,
     salience part goes to every module in proportion to its size (each module's own top
     entries), the rest of it to the global (or, with scope 'layer', per-module) top-k of what
     is left, and `explore_fraction` of k to uniformly random entries outside both (seeded).
-    With `score_normalization: module` each module's scores are first divided by their mean.
+    With `score_normalization: module` each module's scores are first divided by their mean;
+    with `spread_cap` the salience part keeps every row and column of a module within its cap
+    (`speft_core.spread`), and whatever the caps leave unfilled is drawn at random too.
     """
     sizes = {n: s.numel() for n, s in scores.items()}
     k = resolve_density(speft.density, sum(sizes.values()))
     if speft.score_normalization == "module":
         normalise_per_module(scores)
     salience_k = k - round(speft.explore_fraction * k)
-    if speft.scope == "layer":
+    if speft.spread_cap:
+        spread = {"fraction": k / sum(sizes.values()), "cap": float(speft.spread_cap)}
+        if speft.scope == "layer":
+            shares = _shares(sizes, salience_k)
+            chosen = {n: capped_top({n: scores[n]}, shares[n], **spread)[n] for n in sizes}
+        else:
+            chosen = capped_top(scores, salience_k, **spread)
+    elif speft.scope == "layer":
         chosen = _per_module_top(scores, _shares(sizes, salience_k))
     else:
         floor_k = round(speft.module_floor * salience_k)

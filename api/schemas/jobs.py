@@ -74,6 +74,7 @@ SpeftSettings = documented(SpeftConfig, {
     "module_floor": number_range(0.0, 1.0),
     "explore_fraction": {"type": "number", "minimum": 0.0, "exclusiveMaximum": 1.0},
     "scoring_holdout": {"type": "number", "minimum": 0.0, "maximum": 0.5},
+    "spread_cap": {"anyOf": [{"const": 0}, number_range(1.0, 1000.0)]},
     "head_warmup_steps": int_range(0, 100_000),
 }, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
           "then": {"properties": {"update_interval": {"minimum": 1}},

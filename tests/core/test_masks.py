@@ -13,6 +13,7 @@ from speft_core.masks import (
     select_mask,
     select_topk_global,
 )
+from speft_core.spread import capped_top
 
 
 def test_global_topk_spans_modules_and_is_sorted():
@@ -179,6 +180,71 @@ def test_exploration_can_fill_almost_every_weight():
     scores = _scores(5)
     chosen = choose_mask(_copy(scores), SpeftConfig(density=1.0, explore_fraction=0.9), seed=0)
     assert [m.tolist() for m in chosen.values()] == [list(range(s.numel())) for s in scores.values()]
+
+
+def _outer_product_scores() -> torch.Tensor:
+    """A rank-1 score, as summed gradients nearly are: one column and one row dominate."""
+    rows, cols = torch.ones(40), torch.ones(50)
+    rows[3], cols[7] = 100.0, 100.0
+    return torch.outer(rows, cols) + 0.01 * torch.rand(40, 50, generator=torch.Generator().manual_seed(0))
+
+
+def test_without_a_cap_a_dominant_feature_takes_the_budget_and_with_one_it_is_spread():
+    score = _outer_product_scores()
+    k = 100  # 5% of 2,000
+    plain = choose_mask({"w": score.clone()}, SpeftConfig(density=k, score_normalization="none"),
+                        seed=0)["w"].long()
+    assert int((plain % 50 == 7).sum()) == 40  # the whole dominant column
+    capped = choose_mask({"w": score.clone()}, SpeftConfig(density=k, spread_cap=2,
+                                                           score_normalization="none"),
+                         seed=0)["w"].long()
+    assert capped.numel() == k
+    per_column = torch.bincount(capped % 50, minlength=50)
+    per_row = torch.bincount(capped // 50, minlength=40)
+    assert int(per_column.max()) <= 4 and int(per_row.max()) <= 5  # ceil(2 * 5% * 40), ·50
+    # within its cap the dominant column still gets its own largest entries: salience decides
+    assert per_column[7] == 4 and per_row[3] == 5
+    assert int(per_column.gt(0).sum()) >= 25
+
+
+def test_capped_top_fills_the_budget_in_passes_within_every_cap():
+    score = _outer_product_scores()
+    chosen = capped_top({"w": score.clone()}, 100, fraction=0.05, cap=2.0)["w"]
+    assert chosen.numel() == 100 and torch.equal(chosen, torch.unique(chosen))
+    assert int(torch.bincount(chosen % 50).max()) <= 4
+    assert int(torch.bincount(chosen // 50).max()) <= 5
+    # the first pass is the plain top-k within the caps: the dominant row's 5 best columns
+    assert set((chosen[chosen // 50 == 3] % 50).tolist()) == set(score[3].topk(5).indices.tolist())
+
+
+def test_capped_top_ranks_across_modules_and_never_takes_nan_or_minus_inf():
+    scores = {"a": torch.tensor([[9.0, 8.0], [7.0, float("nan")]]),
+              "b": torch.tensor([[float("-inf"), 1.0, 6.0]])}
+    chosen = capped_top(scores, 10, fraction=0.5, cap=2.0)  # room for every finite entry
+    assert chosen["a"].tolist() == [0, 1, 2] and chosen["b"].tolist() == [1, 2]
+    one_per_line = capped_top(scores, 10, fraction=0.5, cap=1.0)  # a: 1 a row, 1 a column
+    assert one_per_line["a"].tolist() == [0] and one_per_line["b"].tolist() == [1, 2]
+
+
+def test_a_cap_past_the_whole_line_is_the_plain_top_k():
+    scores = {"w": _outer_product_scores(), "v": 200 * torch.rand(3, 4)}
+    capped = capped_top(scores, 300, fraction=0.6, cap=2.0)  # rooms 60 a row, 48 a column
+    plain = select_topk_global(scores, 300)
+    assert {n: c.tolist() for n, c in capped.items()} == {n: p.long().tolist()
+                                                         for n, p in plain.items()}
+
+
+def test_spread_cap_with_a_module_floor_is_refused():
+    with pytest.raises(ConfigError, match="module_floor") as err:
+        SpeftConfig(spread_cap=4, module_floor=0.25)
+    assert err.value.param == "spread_cap"
+
+
+@pytest.mark.parametrize("value", [0.5, -1, 1001, float("nan")])
+def test_spread_cap_between_zero_and_one_or_out_of_range_names_the_field(value):
+    with pytest.raises(ConfigError, match="spread_cap") as err:
+        SpeftConfig(spread_cap=value)
+    assert err.value.param == "spread_cap"
 
 
 @pytest.mark.parametrize("field, value", [("score_normalization", "zscore"),

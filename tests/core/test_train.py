@@ -469,6 +469,30 @@ def test_scoring_holdout_scores_on_examples_the_head_warm_up_never_saw():
     assert seen["training"] == set(range(32))
 
 
+def test_spread_cap_bounds_every_row_and_column_of_the_trained_delta():
+    """gradient salience on the tiny BERT with spread_cap 1.5: no row or column of any module
+    holds more than ceil(1.5 x density x its length) entries, and the budget is kept."""
+    model = tiny_bert()
+    capped = train_tiny(model, metric="gradient", n_epochs=1, spread_cap=1.5)
+    plain = train_tiny(metric="gradient", n_epochs=1)
+    targets = find_target_linears(model)
+    assert capped.delta.nnz == plain.delta.nnz
+    fraction = capped.delta.nnz / sum(t.weight.numel() for t in targets.values())
+    overfull_plain = 0
+    for name, target in targets.items():
+        rows, cols = target.weight.shape
+        row_cap, col_cap = math.ceil(1.5 * fraction * cols), math.ceil(1.5 * fraction * rows)
+        for delta, is_capped in ((capped.delta, True), (plain.delta, False)):
+            flat = delta.modules[name][0].long()
+            per_row = int(torch.bincount(flat // cols, minlength=rows).max())
+            per_col = int(torch.bincount(flat % cols, minlength=cols).max())
+            if is_capped:
+                assert per_row <= row_cap and per_col <= col_cap, name
+            else:
+                overfull_plain += per_row > row_cap or per_col > col_cap
+    assert overfull_plain > 0  # without the cap some line does take more than its share
+
+
 @pytest.mark.parametrize("value", [-0.1, 0.6, "half"])
 def test_scoring_holdout_out_of_range_names_the_field(value):
     with pytest.raises(ConfigError, match="scoring_holdout") as caught:
