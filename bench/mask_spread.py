@@ -43,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "random": {"metric": "random", "spread_cap": 0},
     "uncapped": {"spread_cap": 0},  # gradient, warm-up and per-module normalisation
     **{f"spread-{cap}": {"spread_cap": cap} for cap in (2, 4, 8)},
+    "input-spread-4": {"spread_cap": 4, "spread_lines": "inputs"},
 }
 BUSIEST = 0.05
 

@@ -67,6 +67,10 @@ LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut shor
     # on top of the default: no row or column beyond N times its even share of the budget
     **{f"default+spread-{cap}": {"head_warmup_steps": 16, "score_normalization": "module",
                                  "spread_cap": cap} for cap in (4, 8, 2)},
+    # the cap on input features (columns) alone: classification piles onto a few of them,
+    # the decoders onto a few output features (rows)
+    "default+input-spread-4": {"head_warmup_steps": 16, "score_normalization": "module",
+                               "spread_cap": 4, "spread_lines": "inputs"},
 }
 HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
 

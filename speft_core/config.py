@@ -18,6 +18,7 @@ TASKS: tuple[str, ...] = ("classification", "causal_lm")
 MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
 SCOPES: tuple[str, ...] = ("global", "layer")
 SCORE_NORMALIZATIONS: tuple[str, ...] = ("none", "module")
+SPREAD_LINES: tuple[str, ...] = ("both", "inputs", "outputs")
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 SELECTIONS: tuple[str, ...] = ("best", "last")
 MAX_CHECKPOINTS = 1000
@@ -89,6 +90,11 @@ class SpeftConfig:
                           "row's or column's length); gradient salience otherwise piles onto "
                           "a few input features"},
     )
+    spread_lines: str = field(
+        default="both",
+        metadata={"help": "which lines spread_cap caps: 'both' rows and columns, 'inputs' the "
+                          "columns (input features) only, 'outputs' the rows only"},
+    )
     scoring_holdout: float = field(
         default=0.0,
         metadata={"help": "fraction [0, 0.5] of the training examples held out of the head "
@@ -146,6 +152,7 @@ class SpeftConfig:
         _check_float_range("spread_cap", self.spread_cap, 0.0, 1000.0)
         if 0 < float(self.spread_cap) < 1:
             raise ConfigError("spread_cap must be 0 (off) or at least 1", param="spread_cap")
+        _check_choice("spread_lines", self.spread_lines, SPREAD_LINES)
         if self.spread_cap and self.module_floor:
             raise ConfigError("spread_cap and module_floor cannot be combined; set one of them "
                               "to 0", param="spread_cap")

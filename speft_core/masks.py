@@ -99,7 +99,8 @@ def choose_mask(scores: dict[str, torch.Tensor], speft: SpeftConfig, *,
         normalise_per_module(scores)
     salience_k = k - round(speft.explore_fraction * k)
     if speft.spread_cap:
-        spread = {"fraction": k / sum(sizes.values()), "cap": float(speft.spread_cap)}
+        spread = {"fraction": k / sum(sizes.values()), "cap": float(speft.spread_cap),
+                  "lines": speft.spread_lines}
         if speft.scope == "layer":
             shares = _shares(sizes, salience_k)
             chosen = {n: capped_top({n: scores[n]}, shares[n], **spread)[n] for n in sizes}

@@ -30,14 +30,15 @@ _LOWEST = float("-inf")
 class _Lines:
     """One module's scores and how much room each of its rows and columns has left."""
 
-    def __init__(self, score: torch.Tensor, fraction: float, cap: float) -> None:
+    def __init__(self, score: torch.Tensor, fraction: float, cap: float, lines: str) -> None:
         self.ranked = torch.nan_to_num(score.detach().float(), nan=_LOWEST, neginf=_LOWEST)
         if self.ranked.dim() != 2:  # no rows and columns to spread over: one uncapped line
             self.ranked = self.ranked.reshape(1, -1)
             room = (self.ranked.shape[1], 1)
         else:
             rows, cols = self.ranked.shape
-            room = (math.ceil(cap * fraction * cols), math.ceil(cap * fraction * rows))
+            room = (math.ceil(cap * fraction * cols) if lines != "inputs" else cols,
+                    math.ceil(cap * fraction * rows) if lines != "outputs" else rows)
         device = self.ranked.device
         self.taken = torch.zeros_like(self.ranked, dtype=torch.bool)
         self.row_room = torch.full((self.ranked.shape[0],), room[0], device=device)
@@ -69,23 +70,24 @@ def _rank_along(score: torch.Tensor, *, dim: int) -> torch.Tensor:
 
 
 def capped_top(scores: Mapping[str, torch.Tensor], want: int, *, fraction: float,
-               cap: float) -> dict[str, torch.Tensor]:
+               cap: float, lines: str = "both") -> dict[str, torch.Tensor]:
     """Up to `want` entries over all modules, in passes of global top-k, no row or column past
-    its cap (see the module docstring): name -> sorted flat int64 positions. Fewer than `want`
-    only when the caps (or -inf / NaN scores) leave no candidate."""
+    its cap (see the module docstring; `lines` 'inputs' caps the columns only, 'outputs' the
+    rows only): name -> sorted flat int64 positions. Fewer than `want` only when the caps (or
+    -inf / NaN scores) leave no candidate."""
     names = list(scores)
-    lines = {n: _Lines(scores[n], fraction, cap) for n in names}
+    room = {n: _Lines(scores[n], fraction, cap, lines) for n in names}
     chosen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     left = want
     for _ in range(MAX_PASSES):
         if left <= 0:
             break
-        candidates = [lines[n].candidates() for n in names]
+        candidates = [room[n].candidates() for n in names]
         available = sum(int(torch.isfinite(c).sum()) for c in candidates)
         if available == 0:
             break
         for name, positions in zip(names, top_positions(candidates, min(left, available))):
-            lines[name].take(positions)
+            room[name].take(positions)
             chosen[name].append(positions)
             left -= int(positions.numel())
     return {n: torch.sort(torch.cat(chosen[n])).values if chosen[n]

@@ -217,6 +217,18 @@ def test_capped_top_fills_the_budget_in_passes_within_every_cap():
     assert set((chosen[chosen // 50 == 3] % 50).tolist()) == set(score[3].topk(5).indices.tolist())
 
 
+@pytest.mark.parametrize("lines", ["inputs", "outputs"])
+def test_spread_lines_caps_only_the_columns_or_only_the_rows(lines):
+    score = _outer_product_scores()
+    chosen = capped_top({"w": score}, 100, fraction=0.05, cap=2.0, lines=lines)["w"]
+    per_row, per_col = torch.bincount(chosen // 50, minlength=40), torch.bincount(chosen % 50)
+    assert chosen.numel() == 100
+    if lines == "inputs":
+        assert int(per_col.max()) <= 4 and int(per_row[3]) == 50  # the dominant row, whole
+    else:
+        assert int(per_row.max()) <= 5 and int(per_col[7]) == 40  # the dominant column, whole
+
+
 def test_capped_top_ranks_across_modules_and_never_takes_nan_or_minus_inf():
     scores = {"a": torch.tensor([[9.0, 8.0], [7.0, float("nan")]]),
               "b": torch.tensor([[float("-inf"), 1.0, 6.0]])}
@@ -240,11 +252,13 @@ def test_spread_cap_with_a_module_floor_is_refused():
     assert err.value.param == "spread_cap"
 
 
-@pytest.mark.parametrize("value", [0.5, -1, 1001, float("nan")])
-def test_spread_cap_between_zero_and_one_or_out_of_range_names_the_field(value):
-    with pytest.raises(ConfigError, match="spread_cap") as err:
-        SpeftConfig(spread_cap=value)
-    assert err.value.param == "spread_cap"
+@pytest.mark.parametrize("field, value", [("spread_cap", 0.5), ("spread_cap", -1),
+                                          ("spread_cap", 1001), ("spread_cap", float("nan")),
+                                          ("spread_lines", "columns")])
+def test_spread_settings_out_of_range_name_their_field(field, value):
+    with pytest.raises(ConfigError, match=field) as err:
+        SpeftConfig(**{field: value})
+    assert err.value.param == field
 
 
 @pytest.mark.parametrize("field, value", [("score_normalization", "zscore"),
