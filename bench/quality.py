@@ -51,28 +51,33 @@ RESULTS = REPO / "bench" / "results"
 # Salience recipes screened by --levers (SpeftConfig fields on top of the defaults).
 # Every recipe states both levers that are now on by default: the screen began when neither
 # was (no warm-up, raw scores), and "baseline" stays that recipe.
-RAW = {"head_warmup_steps": 0, "score_normalization": "none"}
+RAW = {"head_warmup_steps": 0, "score_normalization": "none", "spread_cap": 0}
+WARMUP_NORM = {"head_warmup_steps": 16, "score_normalization": "module"}
 LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut short keeps them
     "baseline": RAW,
     "head-warmup": {**RAW, "head_warmup_steps": 16},
     "module-norm": {**RAW, "score_normalization": "module"},
-    "warmup+norm": {"head_warmup_steps": 16, "score_normalization": "module"},  # the default
+    "warmup+norm": {**WARMUP_NORM, "spread_cap": 0},  # the default until the spread cap
     "floor-25%": {**RAW, "module_floor": 0.25},
     "explore-20%": {**RAW, "explore_fraction": 0.2},
     "dynamic": {**RAW, "mask": "dynamic", "update_interval": 8},
     "scoring-64": {**RAW, "scoring_examples": 64},
     # only matters with a warmed head: measured on top of the default recipe
-    "default+holdout-25%": {"head_warmup_steps": 16, "score_normalization": "module",
-                            "scoring_holdout": 0.25},
-    # on top of the default: no row or column beyond N times its even share of the budget
-    **{f"default+spread-{cap}": {"head_warmup_steps": 16, "score_normalization": "module",
-                                 "spread_cap": cap} for cap in (4, 8, 2)},
+    "default+holdout-25%": {**WARMUP_NORM, "spread_cap": 0, "scoring_holdout": 0.25},
+    # on top of warmup+norm: no row or column beyond N times its even share of the budget
+    **{f"default+spread-{cap}": {**WARMUP_NORM, "spread_cap": cap} for cap in (4, 8, 2)},
     # the cap on input features (columns) alone: classification piles onto a few of them,
     # the decoders onto a few output features (rows)
-    "default+input-spread-4": {"head_warmup_steps": 16, "score_normalization": "module",
-                               "spread_cap": 4, "spread_lines": "inputs"},
+    "default+input-spread-4": {**WARMUP_NORM, "spread_cap": 4, "spread_lines": "inputs"},
+    # the default: the cap of 4 on classification, none on the decoders
+    "auto-spread": {**WARMUP_NORM, "spread_cap": "auto"},
 }
-HEAD_ONLY_LEVERS = {"head-warmup"}  # no effect without a new head: not re-run on decoders
+# Cells that are another lever's runs exactly (the same settings once resolved for the task:
+# no new head on a decoder; 'auto' is 4 on classification and 0 on causal LM): not re-run.
+SAME_AS: dict[str, dict[str, str]] = {
+    "head-warmup": {"causal_lm": "baseline"},
+    "auto-spread": {"classification": "default+spread-4", "causal_lm": "warmup+norm"},
+}
 
 
 def methods_for(spec: TaskSpec) -> list[Method]:
@@ -245,8 +250,8 @@ def screen_levers(datas: dict[str, Data], args: argparse.Namespace,
         if args.levers_only and lever not in args.levers_only:
             continue
         for name, data in datas.items():
-            if lever in HEAD_ONLY_LEVERS and data.spec.is_decoder:
-                continue  # identical to the baseline there
+            if data.spec.task in SAME_AS.get(lever, {}):
+                continue  # another lever's runs exactly
             best, tried, interior = tune(method, data, args.seeds[0], device=device,
                                          grid=_grid(method, args.quick), widen=not args.quick,
                                          recipe={**args.recipe, **recipe})
@@ -260,13 +265,17 @@ def screen_levers(datas: dict[str, Data], args: argparse.Namespace,
 
 
 def rank_levers(table: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
-    """The screen's table with each lever's dev rank per task and their mean, best first (a
-    head-only lever takes the baseline's cell on a decoder, where it changes nothing)."""
-    for name in tasks:
-        for lever in HEAD_ONLY_LEVERS & set(table):
-            if name not in table[lever] and name in table.get("baseline", {}) \
-                    and TASKS[name].is_decoder:
-                table[lever][name] = dict(table["baseline"][name], same_as="baseline")
+    """The screen's table with each lever's dev rank per task and their mean, best first. A
+    SAME_AS cell takes its source lever's cell: for a lever screened on the other tasks, or one
+    made of other levers' cells alone (SAME_AS for both task kinds)."""
+    for lever, sources in SAME_AS.items():
+        composed = set(sources) == {"classification", "causal_lm"}
+        if lever not in table and not composed:
+            continue
+        for name in tasks:
+            source = sources.get(TASKS[name].task)
+            if source and name in table.get(source, {}) and name not in table.get(lever, {}):
+                table.setdefault(lever, {})[name] = dict(table[source][name], same_as=source)
     ranks: dict[str, dict[str, float]] = {}
     for name in tasks:
         scores = {lever: cells[name]["dev"] for lever, cells in table.items() if name in cells}

@@ -19,6 +19,9 @@ MASK_KINDS: tuple[str, ...] = ("static", "dynamic")
 SCOPES: tuple[str, ...] = ("global", "layer")
 SCORE_NORMALIZATIONS: tuple[str, ...] = ("none", "module")
 SPREAD_LINES: tuple[str, ...] = ("both", "inputs", "outputs")
+AUTO = "auto"
+# spread_cap "auto": this cap on classification, none on causal LM (the quality suite's screen)
+AUTO_SPREAD_CAP = 4.0
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 SELECTIONS: tuple[str, ...] = ("best", "last")
 MAX_CHECKPOINTS = 1000
@@ -83,12 +86,13 @@ class SpeftConfig:
         metadata={"help": "fraction [0, 1) of the budget given to uniformly random entries "
                           "outside the salience choice"},
     )
-    spread_cap: float = field(
-        default=0.0,
+    spread_cap: float | Literal["auto"] = field(
+        default=AUTO,
         metadata={"help": "0 (off), or at least 1: no row or column of a module holds more "
                           "than this many times its even share of the budget (density x the "
-                          "row's or column's length); gradient salience otherwise piles onto "
-                          "a few input features"},
+                          "row's or column's length); summed gradients otherwise pile onto a "
+                          "few features. 'auto' (default): 4 on classification, 0 on causal "
+                          "LM and with a module_floor"},
     )
     spread_lines: str = field(
         default="both",
@@ -149,14 +153,23 @@ class SpeftConfig:
         if float(self.explore_fraction) >= 1.0:
             raise ConfigError("explore_fraction must be below 1", param="explore_fraction")
         _check_int_range("head_warmup_steps", self.head_warmup_steps, 0, 100_000)
-        _check_float_range("spread_cap", self.spread_cap, 0.0, 1000.0)
-        if 0 < float(self.spread_cap) < 1:
-            raise ConfigError("spread_cap must be 0 (off) or at least 1", param="spread_cap")
+        if self.spread_cap != AUTO:
+            _check_float_range("spread_cap", self.spread_cap, 0.0, 1000.0)
+            if 0 < float(self.spread_cap) < 1:
+                raise ConfigError("spread_cap must be 0 (off), at least 1, or 'auto'",
+                                  param="spread_cap")
+            if self.spread_cap and self.module_floor:
+                raise ConfigError("spread_cap and module_floor cannot be combined; set one of "
+                                  "them to 0", param="spread_cap")
         _check_choice("spread_lines", self.spread_lines, SPREAD_LINES)
-        if self.spread_cap and self.module_floor:
-            raise ConfigError("spread_cap and module_floor cannot be combined; set one of them "
-                              "to 0", param="spread_cap")
         _check_float_range("scoring_holdout", self.scoring_holdout, 0.0, 0.5)
+
+    def spread_cap_for(self, task: str | None) -> float:
+        """The row and column cap in force for `task` ('auto': AUTO_SPREAD_CAP on
+        classification without a module floor, else 0; None: the task is unknown, no cap)."""
+        if self.spread_cap != AUTO:
+            return float(self.spread_cap)
+        return AUTO_SPREAD_CAP if task == "classification" and not self.module_floor else 0.0
 
     @property
     def is_dynamic(self) -> bool:
@@ -164,7 +177,6 @@ class SpeftConfig:
         return self.mask == "dynamic"
 
 
-AUTO = "auto"
 AUTO_FIELDS: tuple[str, ...] = ("n_epochs", "batch_size", "learning_rate")
 AUTO_RULES = (
     "n_epochs: ceil(3000 / examples), between 1 and 10 (about 3,000 examples seen); "

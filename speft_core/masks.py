@@ -81,7 +81,7 @@ def select_mask(
 
 
 def choose_mask(scores: dict[str, torch.Tensor], speft: SpeftConfig, *,
-                seed: int) -> dict[str, torch.Tensor]:
+                seed: int, task: str | None = None) -> dict[str, torch.Tensor]:
     """The static mask a SPEFT config asks for, from its salience scores (which it consumes:
     they are normalised and excluded in place).
 
@@ -90,17 +90,18 @@ def choose_mask(scores: dict[str, torch.Tensor], speft: SpeftConfig, *,
     entries), the rest of it to the global (or, with scope 'layer', per-module) top-k of what
     is left, and `explore_fraction` of k to uniformly random entries outside both (seeded).
     With `score_normalization: module` each module's scores are first divided by their mean;
-    with `spread_cap` the salience part keeps every row and column of a module within its cap
-    (`speft_core.spread`), and whatever the caps leave unfilled is drawn at random too.
+    with a spread cap (`SpeftConfig.spread_cap_for(task)`) the salience part keeps every row
+    and column of a module within its cap (`speft_core.spread`), and whatever the caps leave
+    unfilled is drawn at random too.
     """
     sizes = {n: s.numel() for n, s in scores.items()}
     k = resolve_density(speft.density, sum(sizes.values()))
     if speft.score_normalization == "module":
         normalise_per_module(scores)
     salience_k = k - round(speft.explore_fraction * k)
-    if speft.spread_cap:
-        spread = {"fraction": k / sum(sizes.values()), "cap": float(speft.spread_cap),
-                  "lines": speft.spread_lines}
+    cap = speft.spread_cap_for(task)
+    if cap:
+        spread = {"fraction": k / sum(sizes.values()), "cap": cap, "lines": speft.spread_lines}
         if speft.scope == "layer":
             shares = _shares(sizes, salience_k)
             chosen = {n: capped_top({n: scores[n]}, shares[n], **spread)[n] for n in sizes}

@@ -228,9 +228,10 @@ class _Trainer:
         self._warm_up_head()
         started = time.perf_counter()
         scores = self._scores(targets)
-        masks = choose_mask(scores, self.speft, seed=self.hyper.seed)
+        masks = choose_mask(scores, self.speft, seed=self.hyper.seed, task=self.task)
         del scores
         self.callbacks.event("mask selected", metric=self.speft.metric,
+                             spread_cap=self.speft.spread_cap_for(self.task),
                              nnz=sum(int(m.numel()) for m in masks.values()),
                              targeted=sum(t.weight.numel() for t in targets.values()),
                              seconds=round(time.perf_counter() - started, 3))

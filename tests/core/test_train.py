@@ -69,7 +69,7 @@ def train_tiny(model=None, *, features=None, callbacks=None, **overrides):
     """train_sparse on the tiny BERT; `overrides` go to SpeftConfig or TrainConfig by name."""
     speft_fields = set(SpeftConfig.__dataclass_fields__)
     speft = {"metric": "magnitude", "density": 0.05, "head_warmup_steps": 0,
-             "score_normalization": "none"}  # the mechanics, without the recipe's levers
+             "score_normalization": "none", "spread_cap": 0}  # the mechanics, no levers
     hyper = {"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "seed": 3}
     for key, value in overrides.items():
         (speft if key in speft_fields else hyper)[key] = value
@@ -87,12 +87,13 @@ def target_weights(model) -> dict[str, torch.Tensor]:
 
 
 def initial_mask(model, speft: SpeftConfig) -> dict[str, torch.Tensor]:
-    """The mask select_mask picks from `speft.metric` scores of the untouched model."""
+    """The mask choose_mask picks for classification from `speft.metric` scores of the
+    untouched model."""
     scores = compute_salience(speft.metric, SalienceInputs(
         model=model, targets=find_target_linears(model), batches=[],
         loss_fn=lambda m, b: example_losses(m, b, "classification"),
     ))
-    return choose_mask(scores, speft, seed=0)
+    return choose_mask(scores, speft, seed=0, task="classification")
 
 
 def assert_same_state(before: dict[str, torch.Tensor], model) -> None:
@@ -226,7 +227,8 @@ def test_causal_lm_on_stories_trains_the_completion_only(data_dir: Path, stories
 
 
 def test_dynamic_mask_moves_and_static_mask_stays():
-    speft = SpeftConfig(metric="magnitude", density=0.05, score_normalization="none")
+    speft = SpeftConfig(metric="magnitude", density=0.05, score_normalization="none",
+                        spread_cap=0)
     expected = initial_mask(tiny_bert(), speft)
 
     static = train_tiny(metric="magnitude", density=0.05)
