@@ -71,6 +71,12 @@ LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut shor
     "default+input-spread-4": {**WARMUP_NORM, "spread_cap": 4, "spread_lines": "inputs"},
     # the default: the cap of 4 on classification, none on the decoders
     "auto-spread": {**WARMUP_NORM, "spread_cap": "auto"},
+    # more scoring examples than the protocol's 512 (SST-*, MPQA: all 1,000 training examples;
+    # alpaca-chat has 150 in all, so there it is the default's runs)
+    "default+scoring-1024": {**WARMUP_NORM, "spread_cap": "auto", "scoring_examples": 1024},
+    # the dynamic mask on top of the default
+    "default+dynamic": {**WARMUP_NORM, "spread_cap": "auto", "mask": "dynamic",
+                        "update_interval": 8},
 }
 # Cells that are another lever's runs exactly (the same settings once resolved for the task:
 # no new head on a decoder; 'auto' is 4 on classification and 0 on causal LM): not re-run.
