@@ -15,7 +15,7 @@ from speft_core.config import JobSpec, SpeftConfig, TrainConfig
 from speft_core.data import IGNORE_INDEX
 from speft_core.delta import apply_delta, load_delta, revert_delta, save_delta
 from speft_core.errors import ConfigError, TrainingCancelled, UnknownMetricError
-from speft_core.masks import choose_mask, per_layer_counts, select_mask
+from speft_core.masks import choose_mask, per_layer_counts
 from speft_core.models import bundled_minilm_path, load_model, load_tokenizer, resolve_model
 from speft_core.salience import METRICS, SalienceInputs, compute_salience
 from speft_core.sparse_linear import sparse_delta_layers
