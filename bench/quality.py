@@ -149,10 +149,12 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[Method], rates: dict
 
 
 def dev_ranks(scores: dict[str, float]) -> dict[str, float]:
-    """Rank 1 = best (highest score); ties share the mean of their ranks."""
-    ordered = sorted(scores.values(), reverse=True)
+    """Rank 1 = best (highest score); ties share the mean of their ranks. Scores are compared
+    to 6 decimals: runs of the same settings can differ by float noise below that."""
+    rounded = {name: round(score, 6) for name, score in scores.items()}
+    ordered = sorted(rounded.values(), reverse=True)
     return {name: statistics.fmean(i + 1 for i, s in enumerate(ordered) if s == score)
-            for name, score in scores.items()}
+            for name, score in rounded.items()}
 
 
 def _dev_score(row: dict[str, Any], task: str) -> float:

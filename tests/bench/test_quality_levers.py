@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import LEVERS, SAME_AS, rank_levers
+from quality import LEVERS, SAME_AS, dev_ranks, rank_levers
 
 
 def _cell(dev: float) -> dict:
@@ -36,3 +36,8 @@ def test_a_lever_that_was_not_screened_gets_no_borrowed_cells():
     table = {"baseline": {"tinyshakespeare": _cell(-3.37)}}
     assert "head-warmup" not in rank_levers(table, ["tinyshakespeare"])["table"]
     assert set(SAME_AS["auto-spread"]) == {"classification", "causal_lm"}
+
+
+def test_ranks_treat_float_noise_as_a_tie():
+    assert dev_ranks({"a": -3.6534912, "b": -3.6534914, "c": -3.7}) == {"a": 1.5, "b": 1.5,
+                                                                         "c": 3}
