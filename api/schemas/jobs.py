@@ -79,9 +79,15 @@ SpeftSettings = documented(SpeftConfig, {
                              {"type": "string", "const": "auto"}]},
     "spread_lines": {"type": "string", "enum": list(SPREAD_LINES)},
     "head_warmup_steps": int_range(0, 100_000),
-}, extra={"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
-          "then": {"properties": {"update_interval": {"minimum": 1}},
-                   "required": ["update_interval"]}})
+}, extra={"allOf": [
+    {"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
+     "then": {"properties": {"update_interval": {"minimum": 1}},
+              "required": ["update_interval"]}},
+    # an explicit cap (a number above 0) leaves no room for a module floor
+    {"if": {"properties": {"spread_cap": {"type": "number", "exclusiveMinimum": 0}},
+            "required": ["spread_cap"]},
+     "then": {"properties": {"module_floor": {"const": 0}}}},
+]})
 _AUTO = {"type": "string", "const": "auto"}
 TrainSettings = documented(TrainConfig, {
     "n_epochs": {"anyOf": [int_range(1, MAX_EPOCHS), _AUTO]},
