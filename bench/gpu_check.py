@@ -29,12 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from common import start_run
+from common import REPO, start_run
 from probes import machine_info
 
 from speft_core import kernels

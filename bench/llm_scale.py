@@ -47,11 +47,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import torch
-from common import start_run  # bench/common.py
+from common import REPO, start_run  # bench/common.py
 from probes import MIB, LoadProbe, MemoryProbe, machine_info  # bench/probes.py
 from torch import nn
 from train_step import QUIET_CORES, forward_backward, optimizer_update, rotated, timed_step
@@ -71,7 +68,6 @@ LORA_RANK = 16
 SEED = 0
 LEARNING_RATE = 1e-5
 FULL_BYTES_PER_PARAM = 16
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "llm_scale.json"
 # (name, speft measure, peer, its measure, largest allowed ratio)
 TARGETS: tuple[tuple[str, str, str, float], ...] = (

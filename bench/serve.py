@@ -43,7 +43,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -53,16 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from common import start_run  # bench/common.py
+from common import REPO, start_run  # bench/common.py
 from probes import MIB, LoadProbe, machine_info  # bench/probes.py
 
 from speft_core.delta import delta_to_bytes
