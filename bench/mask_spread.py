@@ -75,8 +75,8 @@ def measure(data: Data, recipe: Mapping[str, Any]) -> dict[str, Any]:
     torch.manual_seed(1)
     model = load_model(data.path, data.task, labels=data.labels)
     shapes = {n: m.weight.shape for n, m in find_target_linears(model).items()}
-    speft = SpeftConfig(**{"density": 0.01, "scoring_examples": protocol.scoring_examples,
-                           **recipe})
+    speft = SpeftConfig(**{"density": 0.01, "mask": "static",  # the spread as chosen
+                           "scoring_examples": protocol.scoring_examples, **recipe})
     hyper = TrainConfig(n_epochs=1, batch_size=protocol.batch_size, learning_rate=0.01,
                         max_length=protocol.max_length, seed=1)
     started = time.perf_counter()

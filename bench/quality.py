@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -30,17 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from common import start_run
+from common import REPO, start_run
 from probes import machine_info
 from quality_runs import START_GRIDS, Method, run_one, tune
 from quality_tasks import TASKS, Data, TaskSpec, load_task
@@ -49,10 +39,10 @@ log = logging.getLogger("bench.quality")
 RESULTS = REPO / "bench" / "results"
 
 # Salience recipes screened by --levers (SpeftConfig fields on top of the defaults).
-# Every recipe states both levers that are now on by default: the screen began when neither
-# was (no warm-up, raw scores), and "baseline" stays that recipe.
-RAW = {"head_warmup_steps": 0, "score_normalization": "none", "spread_cap": 0}
-WARMUP_NORM = {"head_warmup_steps": 16, "score_normalization": "module"}
+# Every recipe states the levers that are now on by default: the screen began when none was
+# (no warm-up, raw scores, no cap, a static mask), and "baseline" stays that recipe.
+RAW = {"head_warmup_steps": 0, "score_normalization": "none", "spread_cap": 0, "mask": "static"}
+WARMUP_NORM = {"head_warmup_steps": 16, "score_normalization": "module", "mask": "static"}
 LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut short keeps them
     "baseline": RAW,
     "head-warmup": {**RAW, "head_warmup_steps": 16},
@@ -69,20 +59,24 @@ LEVERS: dict[str, dict[str, Any]] = {  # most promising first: a screen cut shor
     # the cap on input features (columns) alone: classification piles onto a few of them,
     # the decoders onto a few output features (rows)
     "default+input-spread-4": {**WARMUP_NORM, "spread_cap": 4, "spread_lines": "inputs"},
-    # the default: the cap of 4 on classification, none on the decoders
+    # the default until the auto mask: the cap of 4 on classification, none on the decoders
     "auto-spread": {**WARMUP_NORM, "spread_cap": "auto"},
     # more scoring examples than the protocol's 512 (SST-*, MPQA: all 1,000 training examples;
     # alpaca-chat has 150 in all, so there it is the default's runs)
     "default+scoring-1024": {**WARMUP_NORM, "spread_cap": "auto", "scoring_examples": 1024},
-    # the dynamic mask on top of the default
+    # the dynamic mask on top of auto-spread
     "default+dynamic": {**WARMUP_NORM, "spread_cap": "auto", "mask": "dynamic",
                         "update_interval": 8},
+    # the default: auto-spread, and the dynamic mask on causal LM only, about 12 re-selections
+    # a job (every 8 steps in the suite's 54- and 94-step decoder runs)
+    "auto-mask": {**WARMUP_NORM, "spread_cap": "auto", "mask": "auto", "update_interval": "auto"},
 }
 # Cells that are another lever's runs exactly (the same settings once resolved for the task:
 # no new head on a decoder; 'auto' is 4 on classification and 0 on causal LM): not re-run.
 SAME_AS: dict[str, dict[str, str]] = {
     "head-warmup": {"causal_lm": "baseline"},
     "auto-spread": {"classification": "default+spread-4", "causal_lm": "warmup+norm"},
+    "auto-mask": {"classification": "default+spread-4", "causal_lm": "default+dynamic"},
 }
 
 

@@ -22,6 +22,10 @@ SPREAD_LINES: tuple[str, ...] = ("both", "inputs", "outputs")
 AUTO = "auto"
 # spread_cap "auto": this cap on classification, none on causal LM (the quality suite's screen)
 AUTO_SPREAD_CAP = 4.0
+# mask "auto": dynamic on causal LM, static on classification (the quality suite's screen);
+# update_interval "auto": about this many re-selections in a job, at least this many steps apart
+AUTO_MASK_UPDATES = 12
+AUTO_MIN_UPDATE_INTERVAL = 8
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 SELECTIONS: tuple[str, ...] = ("best", "last")
 MAX_CHECKPOINTS = 1000
@@ -50,7 +54,12 @@ class SpeftConfig:
         default=0.01,
         metadata={"help": "fraction (0, 1] of the targeted weights, or an integer count > 1"},
     )
-    mask: str = field(default="static", metadata={"help": "'static' (chosen once) or 'dynamic'"})
+    mask: str = field(
+        default=AUTO,
+        metadata={"help": "'static' (chosen once), 'dynamic' (re-selected every update_interval "
+                          "steps: the lowest |value| entries dropped, the most salient grown), "
+                          "or 'auto' (default): dynamic on causal LM, static on classification"},
+    )
     scope: str = field(default="global", metadata={"help": "top-k over all targets or per layer"})
     target_modules: tuple[str, ...] | None = field(
         default=None,
@@ -64,8 +73,11 @@ class SpeftConfig:
         metadata={"help": "examples per scoring micro-batch (gradients accumulate over them); "
                           "None = the training batch_size"},
     )
-    update_interval: int = field(
-        default=0, metadata={"help": "dynamic mask: optimizer steps between re-selections"}
+    update_interval: int | Literal["auto"] = field(
+        default=AUTO,
+        metadata={"help": "dynamic mask: optimizer steps between re-selections; 'auto' "
+                          "(default): the job's steps / 12, at least 8; 0: never (with mask "
+                          "'auto', a static mask)"},
     )
     update_fraction: float = field(
         default=0.1, metadata={"help": "dynamic mask: fraction of entries dropped and regrown"}
@@ -123,7 +135,7 @@ class SpeftConfig:
                 param="metric",
             )
         _check_density(self.density)
-        _check_choice("mask", self.mask, MASK_KINDS)
+        _check_choice("mask", self.mask, (*MASK_KINDS, AUTO))
         _check_choice("scope", self.scope, SCOPES)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str) or not all(
@@ -139,7 +151,8 @@ class SpeftConfig:
         _check_int_range("scoring_examples", self.scoring_examples, 1, MAX_SCORING_EXAMPLES)
         if self.scoring_batch_size is not None:
             _check_int_range("scoring_batch_size", self.scoring_batch_size, 1, MAX_BATCH_SIZE)
-        _check_int_range("update_interval", self.update_interval, 0, 10**9)
+        if self.update_interval != AUTO:
+            _check_int_range("update_interval", self.update_interval, 0, 10**9)
         if self.mask == "dynamic" and self.update_interval == 0:
             raise ConfigError(
                 "a dynamic mask needs update_interval >= 1 (steps between re-selections)",
@@ -171,10 +184,19 @@ class SpeftConfig:
             return float(self.spread_cap)
         return AUTO_SPREAD_CAP if task == "classification" and not self.module_floor else 0.0
 
-    @property
-    def is_dynamic(self) -> bool:
-        """True when the mask is re-selected during training."""
-        return self.mask == "dynamic"
+    def mask_for(self, task: str | None) -> str:
+        """The mask kind in force for `task`: 'static' or 'dynamic' ('auto': dynamic on causal
+        LM unless update_interval is 0, else static; None: the task is unknown, static)."""
+        if self.mask != AUTO:
+            return self.mask
+        return "dynamic" if task == "causal_lm" and self.update_interval != 0 else "static"
+
+    def update_interval_for(self, total_steps: int) -> int:
+        """Optimizer steps between re-selections in a job of `total_steps` steps ('auto':
+        ceil(total_steps / AUTO_MASK_UPDATES), at least AUTO_MIN_UPDATE_INTERVAL)."""
+        if self.update_interval != AUTO:
+            return int(self.update_interval)
+        return max(AUTO_MIN_UPDATE_INTERVAL, math.ceil(total_steps / AUTO_MASK_UPDATES))
 
 
 AUTO_FIELDS: tuple[str, ...] = ("n_epochs", "batch_size", "learning_rate")

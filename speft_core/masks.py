@@ -206,18 +206,24 @@ def drop_and_grow(
     scores: Mapping[str, torch.Tensor],
     fraction: float,
     scope: str = "global",
+    *,
+    consume_scores: bool = False,
 ) -> dict[str, MaskUpdate]:
     """Drop the `fraction` of entries with the smallest |value| and grow as many new ones.
 
     New entries are the highest-scoring weights that were not in the mask before this update
     (so the mask really moves); they start at value 0. Kept entries keep their values.
     With scope 'global' the drop and the grow are ranked over all modules, so a module's
-    count can change; with 'layer' each module keeps its count.
+    count can change; with 'layer' each module keeps its count. With `consume_scores` the
+    old mask's positions in `scores` are overwritten instead of copying every module's scores
+    (the caller's scores are then spent: a copy of a whole model's worth saved at LLM scale).
     """
     keeps = _entries_to_keep(current, fraction, scope)
     free_scores = {}
     for name, score in scores.items():
-        free = score.detach().reshape(-1).float().clone()
+        free = score.detach().reshape(-1)
+        if not consume_scores:
+            free = free.clone()
         free[current[name][0].long()] = float("-inf")  # only entries outside the old mask grow
         free_scores[name] = free
     n_grow = {n: int((~keeps[n]).sum()) for n in current}

@@ -186,7 +186,9 @@ class _Trainer:
         if self.speft.score_normalization == "module":
             normalise_per_module(scores)
         current = {n: (layer.indices, layer.values.detach()) for n, layer in layers.items()}
-        updates = drop_and_grow(current, scores, self.speft.update_fraction, self.speft.scope)
+        updates = drop_and_grow(current, scores, self.speft.update_fraction, self.speft.scope,
+                                consume_scores=True)
+        del scores
         moved = 0
         for name, layer in layers.items():
             moved += int((updates[name].source < 0).sum())
@@ -230,7 +232,10 @@ class _Trainer:
         scores = self._scores(targets)
         masks = choose_mask(scores, self.speft, seed=self.hyper.seed, task=self.task)
         del scores
-        self.callbacks.event("mask selected", metric=self.speft.metric,
+        mask = self.speft.mask_for(self.task)
+        self.callbacks.event("mask selected", metric=self.speft.metric, mask=mask,
+                             **({"update_interval": self.speft.update_interval_for(
+                                 self._total_steps())} if mask == "dynamic" else {}),
                              spread_cap=self.speft.spread_cap_for(self.task),
                              nnz=sum(int(m.numel()) for m in masks.values()),
                              targeted=sum(t.weight.numel() for t in targets.values()),
@@ -261,9 +266,12 @@ class _Trainer:
             optimizer.load_state_dict(resume.optimizer)
             self.callbacks.event(f"resumed from step {resume.step}", step=resume.step)
 
+        dynamic = self.speft.mask_for(self.task) == "dynamic"
+        interval = self.speft.update_interval_for(self._total_steps())
+
         def after_step(step: int, total: int) -> None:
             nonlocal mask_updates
-            if self.speft.is_dynamic and step % self.speft.update_interval == 0 and step < total:
+            if dynamic and step % interval == 0 and step < total:
                 grown = self._update_mask(layers, optimizer)
                 mask_updates += 1
                 self.callbacks.event("mask updated", step=step, grown=grown)
@@ -302,6 +310,14 @@ class _Trainer:
                                      valid_loss=round(best.loss, 6))
         return step, mask_updates, metrics
 
+    def _steps_per_epoch(self) -> int:
+        batches = math.ceil(len(self.train_features) / self.hyper.batch_size)
+        return math.ceil(batches / self.hyper.gradient_accumulation_steps)
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run (early stopping may end it sooner)."""
+        return self._steps_per_epoch() * self.hyper.n_epochs
+
     def optimize(self, optimizer: torch.optim.Optimizer,
                  after_step: Callable[[int, int], None] | None = None, *,
                  checkpointer: Checkpointer | None = None,
@@ -312,10 +328,8 @@ class _Trainer:
         checkpoint, and early stopping may end the run; with `resume` the loop continues from
         that state's step, data position, scheduler and RNG."""
         hyper, callbacks = self.hyper, self.callbacks
-        steps_per_epoch = math.ceil(
-            math.ceil(len(self.train_features) / hyper.batch_size) / hyper.gradient_accumulation_steps
-        )
-        total = steps_per_epoch * hyper.n_epochs
+        steps_per_epoch = self._steps_per_epoch()
+        total = self._total_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _linear_schedule(total, int(round(hyper.warmup_ratio * total)))
         )
@@ -486,7 +500,7 @@ def train_sparse(
     metadata = {
         "format": FORMAT, "base_model": base_model, "base_fingerprint": fingerprint(model, targets),
         "metric": speft.metric, "density": str(speft.density), "task": task,
-        "labels": json.dumps(list(labels or [])), "mask": speft.mask, "scope": speft.scope,
+        "labels": json.dumps(list(labels or [])), "mask": speft.mask_for(task), "scope": speft.scope,
         **({CHAT_TEMPLATE_KEY: chat_template} if chat_template is not None else {}),
         "base_dtype": ",".join(sorted({_dtype_name(t.weight.dtype) for t in targets.values()})),
     }

@@ -58,37 +58,36 @@ MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_L
 
 # -- the core's settings, documented with the bounds their own checks enforce ----------------
 _LEARNING_RATE = number_range(0.0, 10.0, low_open=True)
+_AUTO = {"type": "string", "const": "auto"}
 SpeftSettings = documented(SpeftConfig, {
     "metric": {"type": "string", "enum": sorted(METRICS)},
     "density": {"anyOf": [number_range(0.0, 1.0, low_open=True),
                           {"type": "integer", "minimum": 2}]},
-    "mask": {"type": "string", "enum": list(MASK_KINDS)},
+    "mask": {"type": "string", "enum": [*MASK_KINDS, "auto"]},
     "scope": {"type": "string", "enum": list(SCOPES)},
     "target_modules": {"anyOf": [{"type": "array", "minItems": 1,
                                   "items": {"type": "string", "minLength": 1}},
                                  {"type": "null"}]},
     "scoring_examples": int_range(1, MAX_SCORING_EXAMPLES),
     "scoring_batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), {"type": "null"}]},
-    "update_interval": int_range(0, 10**9),
+    "update_interval": {"anyOf": [int_range(0, 10**9), _AUTO]},
     "update_fraction": number_range(0.0, 1.0, low_open=True),
     "score_normalization": {"type": "string", "enum": list(SCORE_NORMALIZATIONS)},
     "module_floor": number_range(0.0, 1.0),
     "explore_fraction": {"type": "number", "minimum": 0.0, "exclusiveMaximum": 1.0},
     "scoring_holdout": {"type": "number", "minimum": 0.0, "maximum": 0.5},
-    "spread_cap": {"anyOf": [{"const": 0}, number_range(1.0, 1000.0),
-                             {"type": "string", "const": "auto"}]},
+    "spread_cap": {"anyOf": [{"const": 0}, number_range(1.0, 1000.0), _AUTO]},
     "spread_lines": {"type": "string", "enum": list(SPREAD_LINES)},
     "head_warmup_steps": int_range(0, 100_000),
 }, extra={"allOf": [
+    # a dynamic mask asked for by name is re-selected: update_interval 'auto' or at least 1
     {"if": {"properties": {"mask": {"const": "dynamic"}}, "required": ["mask"]},
-     "then": {"properties": {"update_interval": {"minimum": 1}},
-              "required": ["update_interval"]}},
+     "then": {"properties": {"update_interval": {"not": {"const": 0}}}}},
     # an explicit cap (a number above 0) leaves no room for a module floor
     {"if": {"properties": {"spread_cap": {"type": "number", "exclusiveMinimum": 0}},
             "required": ["spread_cap"]},
      "then": {"properties": {"module_floor": {"const": 0}}}},
 ]})
-_AUTO = {"type": "string", "const": "auto"}
 TrainSettings = documented(TrainConfig, {
     "n_epochs": {"anyOf": [int_range(1, MAX_EPOCHS), _AUTO]},
     "batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), _AUTO]},

@@ -52,7 +52,9 @@ def test_defaults_come_from_the_core_dataclasses(client):
     ({"density": 2.5}, "method.speft.density"),
     ({"metric": "nope"}, "method.speft.metric"),
     ({"scope": "row"}, "method.speft.scope"),
-    ({"mask": "dynamic"}, "method.speft.update_interval"),
+    ({"mask": "dynamic", "update_interval": 0}, "method.speft.update_interval"),
+    ({"mask": "sometimes"}, "method.speft.mask"),
+    ({"update_interval": "often"}, "method.speft.update_interval"),
     ({"bogus": 1}, "method.speft.bogus"),
 ])
 def test_bad_method_settings_are_422_naming_the_field(client, speft, param):

@@ -2,6 +2,7 @@
 filled from it, and ranks are taken per task over every lever with a cell there."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -26,9 +27,13 @@ def test_composed_and_head_only_levers_take_their_sources_cells():
     assert auto["tinyshakespeare"]["dev"] == -3.27
     assert auto["tinyshakespeare"]["same_as"] == "warmup+norm"
     assert result["table"]["head-warmup"]["tinyshakespeare"]["same_as"] == "baseline"
+    assert result["table"]["auto-mask"]["sst2"]["same_as"] == "default+spread-4"
+    assert "tinyshakespeare" not in result["table"]["auto-mask"]  # no default+dynamic cell
     ranks = {row["lever"]: row["dev_rank"] for row in result["ranking"]}
-    assert ranks["auto-spread"] == {"sst2": 3.5, "tinyshakespeare": 1.5}  # ties with sources
-    assert ranks["baseline"] == {"sst2": 5, "tinyshakespeare": 4.5}
+    # auto-spread and auto-mask tie with their source on SST-2 (ranks 3 to 5)
+    assert ranks["auto-spread"] == {"sst2": 4, "tinyshakespeare": 1.5}
+    assert ranks["auto-mask"] == {"sst2": 4}
+    assert ranks["baseline"] == {"sst2": 6, "tinyshakespeare": 4.5}
     assert result["levers"]["auto-spread"] == LEVERS["auto-spread"]
 
 
@@ -41,3 +46,22 @@ def test_a_lever_that_was_not_screened_gets_no_borrowed_cells():
 def test_ranks_treat_float_noise_as_a_tie():
     assert dev_ranks({"a": -3.6534912, "b": -3.6534914, "c": -3.7}) == {"a": 1.5, "b": 1.5,
                                                                          "c": 3}
+
+
+def test_the_auto_mask_on_the_decoders_is_the_dynamic_levers_runs():
+    """SAME_AS fills auto-mask's decoder cells with default+dynamic's: the auto interval must
+    come out at that lever's 8 steps on every decoder task of the suite."""
+    from quality_tasks import TASKS, load_task
+
+    from speft_core.config import SpeftConfig
+
+    auto, dynamic = SpeftConfig(**LEVERS["auto-mask"]), SpeftConfig(**LEVERS["default+dynamic"])
+    assert SAME_AS["auto-mask"]["causal_lm"] == "default+dynamic"
+    decoders = [spec for spec in TASKS.values() if spec.is_decoder]
+    assert decoders
+    for spec in decoders:
+        protocol = spec.protocol
+        total = math.ceil(len(load_task(spec).train) / protocol.batch_size) * protocol.epochs
+        assert auto.mask_for(spec.task) == dynamic.mask_for(spec.task) == "dynamic"
+        assert auto.update_interval_for(total) == dynamic.update_interval == 8, spec.name
+    assert auto.mask_for("classification") == "static"

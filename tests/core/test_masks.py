@@ -62,6 +62,22 @@ def test_drop_and_grow_moves_the_mask_and_keeps_values():
     assert update.source.tolist() == [0, 2, -1, -1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_and_grow_consuming_the_scores_chooses_the_same_without_a_copy(dtype):
+    generator = torch.Generator().manual_seed(0)
+    current = {n: (torch.tensor([1, 5, 7, 20], dtype=torch.int32), torch.randn(4, generator=generator))
+               for n in ("a", "b")}
+    scores = {n: torch.rand(6, 8, generator=generator).to(dtype) for n in ("a", "b")}
+    kept = {n: s.clone() for n, s in scores.items()}
+    copied = drop_and_grow(current, kept, 0.5)
+    assert all(torch.equal(kept[n], scores[n]) for n in scores)  # left as they were
+    consumed = drop_and_grow(current, scores, 0.5, consume_scores=True)
+    for name in current:
+        assert torch.equal(consumed[name].indices, copied[name].indices)
+        assert torch.equal(consumed[name].values, copied[name].values)
+        assert torch.isinf(scores[name].reshape(-1)[current[name][0].long()]).all()  # spent
+
+
 def test_global_drop_and_grow_can_move_budget_between_modules():
     current = {
         "a": (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0.001, 0.002])),
@@ -268,3 +284,30 @@ def test_recipe_settings_out_of_range_name_their_field(field: str, value):
     with pytest.raises(ConfigError) as err:
         SpeftConfig(**{field: value})
     assert err.value.param == field
+
+
+def test_auto_mask_is_dynamic_on_causal_lm_and_static_on_classification():
+    auto = SpeftConfig()
+    assert auto.mask == "auto" and auto.update_interval == "auto"
+    assert auto.mask_for("causal_lm") == "dynamic"
+    assert auto.mask_for("classification") == "static"
+    assert auto.mask_for(None) == "static"
+    assert SpeftConfig(update_interval=0).mask_for("causal_lm") == "static"  # 0: never
+    assert SpeftConfig(mask="static").mask_for("causal_lm") == "static"
+    assert SpeftConfig(mask="dynamic").mask_for("classification") == "dynamic"
+
+
+@pytest.mark.parametrize("total, interval", [(1, 8), (54, 8), (96, 8), (97, 9), (1200, 100),
+                                             (10_001, 834)])
+def test_auto_update_interval_spreads_about_twelve_updates_over_the_job(total, interval):
+    assert SpeftConfig().update_interval_for(total) == interval
+    assert SpeftConfig(update_interval=5).update_interval_for(total) == 5
+
+
+@pytest.mark.parametrize("settings", [{"mask": "sometimes"}, {"update_interval": "often"},
+                                      {"update_interval": -1},
+                                      {"mask": "dynamic", "update_interval": 0}])
+def test_mask_settings_out_of_range_name_their_field(settings):
+    with pytest.raises(ConfigError) as err:
+        SpeftConfig(**settings)
+    assert err.value.param == list(settings)[-1]

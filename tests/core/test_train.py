@@ -223,6 +223,30 @@ def test_causal_lm_on_stories_trains_the_completion_only(data_dir: Path, stories
             float(reference), abs=1e-7)
 
 
+def test_default_mask_on_a_decoder_is_dynamic_with_the_auto_interval(data_dir: Path,
+                                                                     stories_dir: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch):
+    """mask 'auto' re-selects a causal LM's mask about 12 times a job, at least 8 steps apart:
+    32 steps give updates at steps 8, 16 and 24 (none at the last step)."""
+    monkeypatch.setenv("SPEFT_MODELS_DIR", str(stories_dir.parent))
+    train_file = write_jsonl(tmp_path / "train.jsonl",
+                             head_lines(data_dir / "alpaca200/train.jsonl", 64))
+    spec = JobSpec.from_dict({
+        "model": "stories-260k", "training_file": train_file, "task": "causal_lm",
+        "method": {"speft": {"metric": "gradient", "density": 0.02, "scoring_examples": 16}},
+        "hyperparameters": {"n_epochs": 2, "batch_size": 4, "max_length": 48},
+    })
+    events: list[tuple[str, dict]] = []
+    result = fine_tune(spec, callbacks=TrainCallbacks(on_event=lambda m, d: events.append((m, d))),
+                       device=CPU)
+    selected = next(data for message, data in events if message == "mask selected")
+    assert selected["mask"] == "dynamic" and selected["update_interval"] == 8
+    assert [data["step"] for message, data in events if message == "mask updated"] == [8, 16, 24]
+    assert result.steps == 32 and result.mask_updates == 3
+    assert result.delta.metadata["mask"] == "dynamic"
+
+
 # --- the loop on a tiny BERT ----------------------------------------------------------------
 
 
@@ -232,7 +256,7 @@ def test_dynamic_mask_moves_and_static_mask_stays():
     expected = initial_mask(tiny_bert(), speft)
 
     static = train_tiny(metric="magnitude", density=0.05)
-    assert static.mask_updates == 0
+    assert static.mask_updates == 0 and static.delta.metadata["mask"] == "static"  # auto
     assert static.delta.modules.keys() == expected.keys()
     for name, (indices, _) in static.delta.modules.items():
         assert torch.equal(indices, expected[name])
