@@ -292,7 +292,8 @@ def rank_levers(table: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[
 def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
     """The finished tasks of several suite results, in order: a later file's rows replace an
     earlier one's for the same (task, method) (e.g. baselines from one run, SPEFT rows from a
-    later one); then the cross-task ranks and the targets over the merge."""
+    later one), listed in the suite's method order; then the cross-task ranks and the targets
+    over the merge."""
     merged: dict[str, Any] = {"sources": [str(p) for p in paths], "tasks": {}}
     for path in paths:
         for name, task in json.loads(path.read_text())["tasks"].items():
@@ -313,6 +314,10 @@ def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
             for key in ("train_examples", "dev_examples", "test_examples", "protocol"):
                 if key in task:
                     into[key] = task[key]
+    for name, task in merged["tasks"].items():  # rows in the suite's method order
+        order = [m.name for m in methods_for(TASKS[name])]
+        task["summary"].sort(key=lambda row: (order.index(row["method"])
+                                              if row["method"] in order else len(order)))
     merged["across_tasks"] = across_tasks(merged)
     merged["targets"] = targets(merged)
     return merged
