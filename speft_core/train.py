@@ -226,16 +226,22 @@ class _Trainer:
         self.callbacks.event("head warmed up", steps=steps, loss=round(losses[-1], 4))
 
     # -- the loop -------------------------------------------------------------------------
-    def _select_mask(self, targets: Mapping[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    def _update_interval(self) -> int | None:
+        """Steps between re-selections of this run's mask; None for a static mask."""
+        if self.speft.mask_for(self.task) != "dynamic":
+            return None
+        return self.speft.update_interval_for(self._total_steps())
+
+    def _select_mask(self, targets: Mapping[str, nn.Linear],
+                     interval: int | None) -> dict[str, torch.Tensor]:
         self._warm_up_head()
         started = time.perf_counter()
         scores = self._scores(targets)
         masks = choose_mask(scores, self.speft, seed=self.hyper.seed, task=self.task)
         del scores
-        mask = self.speft.mask_for(self.task)
-        self.callbacks.event("mask selected", metric=self.speft.metric, mask=mask,
-                             **({"update_interval": self.speft.update_interval_for(
-                                 self._total_steps())} if mask == "dynamic" else {}),
+        self.callbacks.event("mask selected", metric=self.speft.metric,
+                             mask="static" if interval is None else "dynamic",
+                             **({} if interval is None else {"update_interval": interval}),
                              spread_cap=self.speft.spread_cap_for(self.task),
                              nnz=sum(int(m.numel()) for m in masks.values()),
                              targeted=sum(t.weight.numel() for t in targets.values()),
@@ -250,8 +256,9 @@ class _Trainer:
         updates and last evaluation. With `select: best` the layers end holding the best
         checkpoint's values."""
         targets = find_target_linears(self.model, self.speft.target_modules)
+        interval = self._update_interval()
         if resume is None:
-            layers = inject_sparse_deltas(self.model, self._select_mask(targets))
+            layers = inject_sparse_deltas(self.model, self._select_mask(targets, interval))
         else:
             if set(resume.masks) != set(targets):
                 raise ConfigError("the training state was saved for other target modules",
@@ -266,12 +273,9 @@ class _Trainer:
             optimizer.load_state_dict(resume.optimizer)
             self.callbacks.event(f"resumed from step {resume.step}", step=resume.step)
 
-        dynamic = self.speft.mask_for(self.task) == "dynamic"
-        interval = self.speft.update_interval_for(self._total_steps())
-
         def after_step(step: int, total: int) -> None:
             nonlocal mask_updates
-            if dynamic and step % interval == 0 and step < total:
+            if interval is not None and step % interval == 0 and step < total:
                 grown = self._update_mask(layers, optimizer)
                 mask_updates += 1
                 self.callbacks.event("mask updated", step=step, grown=grown)
