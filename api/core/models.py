@@ -40,6 +40,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -368,7 +369,13 @@ class Checkpoint(Base):
     them (`state_key_for`)."""
 
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("job_id", "step"), Index(None, "tenant_id", "job_id"))
+    # One live checkpoint per step: a deleted one (a pruned or user-deleted row, kept for its
+    # purge) must not stop a resumed job from saving that step again.
+    __table_args__ = (
+        Index("uq_checkpoints_job_id_step_live", "job_id", "step", unique=True,
+              postgresql_where=text("deleted_at IS NULL"), sqlite_where=text("deleted_at IS NULL")),
+        Index(None, "tenant_id", "job_id"),
+    )
 
     id: Mapped[str] = _id("ftckpt")
     tenant_id: Mapped[str] = _tenant_fk()

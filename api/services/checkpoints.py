@@ -41,6 +41,7 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     job = session.get(Job, job_id)
     if job is None or job.status not in ACTIVE_STATUSES or job.attempts != attempt:
         return None
+    _retire_step(session, storage, job_id=job_id, step=step)
     checkpoint_id = new_id("ftckpt")
     key = checkpoint_key(checkpoint_id)
     stored = storage.put(key, delta)
@@ -59,6 +60,14 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     if keep is not None:
         _prune(session, storage, job_id=job_id, keep=keep)
     return row
+
+
+def _retire_step(session: Session, storage: Storage, *, job_id: str, step: int) -> None:
+    """Soft-delete a live checkpoint of an earlier attempt at `step`: an attempt that resumed from
+    an older state (the newer one unreadable) saves that step again, and the new one replaces it."""
+    for row in live_for_job(session, job_id=job_id):
+        if row.step == step:
+            stored_objects.soft_delete(session, storage, row)
 
 
 def _valid_loss(row: Checkpoint) -> float:
