@@ -40,6 +40,7 @@ from torch import nn
 
 from .config import TASKS
 from .errors import DeltaFormatError, DeltaMismatchError, DeltaStateError
+from .safetensors_bytes import canonical_safetensors
 
 FORMAT = "speft-delta/1"
 REQUIRED_METADATA: tuple[str, ...] = (
@@ -135,7 +136,7 @@ def delta_to_bytes(delta: Delta) -> bytes:
             raise DeltaFormatError("extra tensor with an empty name")
         _check_extra(name, tensor)
         tensors[EXTRA_PREFIX + name] = _cpu_copy(tensor)
-    return _safetensors_save(tensors, metadata=metadata)
+    return canonical_safetensors(_safetensors_save(tensors, metadata=metadata))
 
 
 def save_delta(delta: Delta, path: str | os.PathLike[str]) -> None:
