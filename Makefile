@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # API + worker in the foreground on the embedded default (SQLite, ./var/storage, embedded
-# broker); Ctrl-C stops both.
+# broker); Ctrl-C stops both. `make run PORT=8080 HOST=127.0.0.1` (or SPEFT_PORT / SPEFT_HOST).
+HOST ?=
+PORT ?=
 run: install
-	$(PY) -m api.cli run
+	$(PY) -m api.cli run $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -158,8 +158,7 @@ class SpeftConfig:
                 "a dynamic mask needs update_interval >= 1 (steps between re-selections)",
                 param="update_interval",
             )
-        if not (0.0 < float(self.update_fraction) <= 1.0):
-            raise ConfigError("update_fraction must be in (0, 1]", param="update_fraction")
+        _check_positive_float("update_fraction", self.update_fraction, upper=1.0)
         _check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
         _check_float_range("module_floor", self.module_floor, 0.0, 1.0)
         _check_float_range("explore_fraction", self.explore_fraction, 0.0, 1.0)
@@ -420,25 +419,30 @@ def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
         raise ConfigError(f"{name} must be an integer in [{low}, {high}]; got {value!r}", param=name)
 
 
+def _check_finite_number(name: str, value: Any) -> None:
+    """A number (not a bool), and neither NaN nor infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number; got {value!r}", param=name)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}", param=name)
+
+
 def _check_float_range(name: str, value: Any, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-        math.isfinite(value) and low <= value <= high
-    ):
+    _check_finite_number(name, value)
+    if not low <= value <= high:
         raise ConfigError(f"{name} must be a number in [{low}, {high}]; got {value!r}", param=name)
 
 
 def _check_positive_float(name: str, value: Any, *, upper: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-        math.isfinite(value) and 0.0 < value <= upper
-    ):
+    _check_finite_number(name, value)
+    if not 0.0 < value <= upper:
         raise ConfigError(f"{name} must be a number in (0, {upper}]; got {value!r}", param=name)
 
 
 def _check_density(density: Any) -> None:
     """Density is a fraction in (0, 1] or an integer count > 1 (floats like 50.0 count too)."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ConfigError(f"density must be a number; got {density!r}", param="density")
-    if not math.isfinite(density) or density <= 0:
+    _check_finite_number("density", density)
+    if density <= 0:
         raise ConfigError("density must be in (0, 1] or an integer count > 1", param="density")
     if density > 1 and float(density) != int(density):
         raise ConfigError(

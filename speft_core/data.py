@@ -264,6 +264,10 @@ def _load_json(text: str, line: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
+        if "\r" in text:  # CR is only whitespace in JSON: here it stands where a line break was
+            raise DatasetFormatError(
+                "invalid JSON: lines end in a carriage return alone (CR, old Mac style); "
+                "end each line with LF or CRLF", line=line) from None
         raise DatasetFormatError(f"invalid JSON ({err.msg} at column {err.colno})", line=line)
     except RecursionError:
         raise DatasetFormatError("invalid JSON (nested too deeply)", line=line) from None

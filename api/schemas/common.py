@@ -14,7 +14,7 @@ TaskName = Literal["classification", "causal_lm"]  # = speft_core.config.TASKS (
 class StrictModel(BaseModel):
     """A request body: unknown fields are refused (422 naming them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PublicModel(BaseModel):

@@ -184,6 +184,36 @@ def test_values_beyond_the_documented_bounds_are_422_naming_the_field(
                    param.rsplit(".", 1)[-1])
 
 
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "temperature", "NaN"),
+    ("/v1/completions", "top_p", "Infinity"),
+    ("/v1/chat/completions", "temperature", "-Infinity"),
+    ("/v1/fine_tuning/jobs", "hyperparameters.learning_rate", "NaN"),
+    ("/v1/fine_tuning/jobs", "method.speft.density", "NaN"),
+])
+def test_a_number_that_is_not_finite_is_refused_as_such(
+        make_client: ClientFactory, path: str, field: str, value: str) -> None:
+    base = {"/v1/fine_tuning/jobs": {"model": "minilm-l6", "training_file": "file-x"},
+            "/v1/completions": {"model": "stories-260k", "prompt": "Once"},
+            "/v1/chat/completions": {"model": "stories-260k",
+                                     "messages": [{"role": "user", "content": "hi"}]}}[path]
+    body = json.dumps({**base, **_nested(field, "__VALUE__")}).replace('"__VALUE__"', value)
+    response = make_client().post(path, content=body,
+                                  headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "finite" in error["message"], error
+
+
+def _nested(dotted: str, value: object) -> dict[str, Any]:
+    """{"a": {"b": value}} for "a.b"."""
+    *parents, leaf = dotted.split(".")
+    body: dict[str, Any] = {leaf: value}
+    for parent in reversed(parents):
+        body = {parent: body}
+    return body
+
+
 def test_a_composition_naming_an_adapter_twice_is_400(make_client: ClientFactory) -> None:
     twice = [{"id": "adapter-a", "weight": 0.5}, {"id": "adapter-a", "weight": 0.5}]
     response = make_client().post("/v1/classifications",

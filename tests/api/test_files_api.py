@@ -90,6 +90,8 @@ def test_bad_jsonl_is_400_naming_the_line_and_nothing_is_stored(backend_client: 
     (b"\n\n", "no examples"),
     (b'{"question": "?"}\n', "line 1: cannot tell the task"),
     (b'[1, 2]\n', "line 1: expected a JSON object"),
+    (b'{"text": "ok", "label": 1}\r{"text": "ok", "label": 0}\r',
+     "line 1: invalid JSON: lines end in a carriage return alone"),
 ])
 def test_invalid_datasets_are_400(make_client, content: bytes, message: str):
     client = make_client()

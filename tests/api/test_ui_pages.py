@@ -54,3 +54,34 @@ def test_a_job_id_is_escaped_in_the_page(client):
 
 def test_pages_are_not_in_the_openapi_schema(client):
     assert not [p for p in client.get("/openapi.json").json()["paths"] if p.startswith("/ui")]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_send_a_content_security_policy_and_refuse_framing(client, path):
+    headers = client.get(path).headers
+    policy = dict(part.strip().split(" ", 1) for part in
+                  headers["content-security-policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_every_response_is_nosniff_and_api_answers_carry_no_page_policy(client):
+    for answer in (client.get("/v1/models"), client.get("/healthz"),
+                   client.get("/ui/static/app.js")):
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    assert "content-security-policy" not in client.get("/healthz").headers
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_head_answers_a_page_as_get_does_without_a_body(client, path):
+    head = client.head(path)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == client.get(path).headers["content-type"]
+
+
+def test_the_site_icon_is_served(client):
+    answer = client.get("/favicon.ico")
+    assert answer.status_code == 200, answer.status_code
+    assert answer.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon" href="/ui/static/favicon.svg"' in client.get("/ui/jobs").text

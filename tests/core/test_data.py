@@ -72,6 +72,18 @@ def test_bad_json_names_the_line_after_blank_lines() -> None:
     assert str(err).startswith("line 4: invalid JSON")
 
 
+def test_lines_ending_in_a_lone_carriage_return_are_named_as_such() -> None:
+    err = error_of([(GOOD + "\r" + GOOD + "\r" + GOOD + "\r").encode()])
+    assert err.line == 1
+    assert "carriage return alone" in str(err) and "Extra data" not in str(err)
+
+
+def test_carriage_returns_as_json_whitespace_and_crlf_lines_are_fine() -> None:
+    rows = parse_jsonl_lines([b'{"text": "a",\r "label": "x"}\r\n', GOOD.encode() + b"\r\n"],
+                             "classification")
+    assert [row.text for row in rows] == ["a", "fine"]
+
+
 def test_non_object_line_is_refused() -> None:
     err = error_of(lines(GOOD, GOOD, '["text", "label"]'))
     assert err.line == 3
