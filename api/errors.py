@@ -129,7 +129,8 @@ _ERROR_DESCRIPTIONS = {
           "file is larger than SPEFT_MAX_UPLOAD_BYTES, param `file`"),
     422: "The request does not match the schema, or a stored adapter cannot be served",
     429: "Too many requests; Retry-After says when to come back",
-    503: "The database or storage cannot be reached; nothing was written",
+    503: "The database or storage cannot be reached, or a base model failed to load; nothing was "
+         "written",
 }
 # What any authenticated /v1 route can answer besides its own errors (400: also a value the
 # database cannot store, such as a NUL character on Postgres, or a lone surrogate in a JSON

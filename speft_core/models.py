@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,12 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+
+# transformers' loading is not thread-safe: its lazy imports race (ImportError), and
+# from_pretrained swaps process-wide state (torch.nn.init functions, logging verbosity) in and out,
+# so two loads at once can leave it swapped for good and every later load broken (weights left
+# on the meta device). Every load in this process holds this lock, imports included.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,10 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_tokenizer(path: Path):
     """The model's own tokenizer, with a pad token (eos, else unk) where it has none."""
-    from transformers import AutoTokenizer
+    with _LOAD_LOCK:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -96,23 +104,36 @@ def load_model(path: Path, task: str, *, labels: Sequence[str] | None = None,
     `dtype` is the weights' dtype: 'auto' keeps the checkpoint's (a bf16 checkpoint stays bf16),
     else bfloat16, float16 or float32.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    kwargs = {"local_files_only": True, "dtype": torch_dtype(dtype)}
     try:
-        with _quiet_transformers():
-            if task == "classification":
-                if not labels:
-                    raise ModelLoadError("a classification model needs its label set", param="labels")
-                return AutoModelForSequenceClassification.from_pretrained(
-                    str(path), **kwargs, num_labels=len(labels),
-                    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-                )
-            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with _LOAD_LOCK:
+            model = _from_pretrained(path, task, labels=labels, dtype=dtype)
     except (OSError, ValueError) as err:
         if isinstance(err, ModelLoadError):
             raise
         raise ModelLoadError(f"cannot load model from {path}: {err}", param="model") from err
+    unloaded = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+                if tensor.is_meta]
+    if unloaded:  # never hand out a half-built model: it would fail every request it serves
+        raise ModelLoadError(f"cannot load model from {path}: {', '.join(unloaded[:3])} left "
+                             "without weights", param="model")
+    return model
+
+
+def _from_pretrained(path: Path, task: str, *, labels: Sequence[str] | None,
+                     dtype: str) -> nn.Module:
+    """transformers' own loading for `task` (hold `_LOAD_LOCK`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = {"local_files_only": True, "dtype": torch_dtype(dtype)}
+    with _quiet_transformers():
+        if task == "classification":
+            if not labels:
+                raise ModelLoadError("a classification model needs its label set", param="labels")
+            return AutoModelForSequenceClassification.from_pretrained(
+                str(path), **kwargs, num_labels=len(labels),
+                id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            )
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def classification_head(model: nn.Module) -> dict[str, nn.Parameter]:

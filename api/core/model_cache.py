@@ -6,8 +6,9 @@ root, or inside its single top-level folder. `local_model_folder` unpacks it int
 `cache_dir/<sha256>` the first time and returns that folder afterwards. The archive is verified
 against the registered sha256 on download, unpacked with tarfile's "data" filter after every
 member was checked (no absolute or `..` names, no devices, a cap on the unpacked size), into a
-temp folder inside `cache_dir` that is renamed into place: a cache folder is complete or absent,
-and of processes unpacking the same archive together one wins and the others discard theirs.
+temp folder inside `cache_dir`; the model's folder there, once each of its symlinks is found to
+point to a file inside it, is renamed into place: a cache folder is complete or absent, and of
+processes unpacking the same archive together one wins and the others discard theirs.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def cache_archive(archive: Path, *, storage_key: str, sha256: str, cache_dir: Pa
             raise ModelArchiveError(
                 f"model archive {storage_key} has no config.json at its root or in its single "
                 "top-level folder", storage_key=storage_key)
+        _check_links(root, storage_key=storage_key)
         try:
             os.rename(root, final)
         except OSError:
@@ -142,6 +144,29 @@ def _check_members(members: list[tarfile.TarInfo], *, storage_key: str,
         if total > max_unpacked_bytes:
             raise ModelArchiveError(f"model archive {storage_key} unpacks to more than "
                                     f"{max_unpacked_bytes} bytes", storage_key=storage_key)
+
+
+def _check_links(root: Path, *, storage_key: str) -> None:
+    """Refuse a symlink whose target is absolute, climbs out of `root` by name, or does not end
+    at a file inside `root`. The data filter keeps links inside the temp folder only; once `root`
+    is renamed to `cache_dir/<sha256>`, `../<other sha256>/x` would reach another model's
+    folder. Checked by name, a link means the same after the rename; followed (links to folders
+    refused), no link climbs out through another."""
+    real_root = root.resolve()
+    for folder, subfolders, files in os.walk(root):  # links to folders are listed, not entered
+        for name in (*subfolders, *files):
+            link = Path(folder, name)
+            if not link.is_symlink():
+                continue
+            target = PurePosixPath(os.readlink(link))
+            inside = os.path.normpath(link.parent.relative_to(root) / target)
+            resolved = Path(os.path.realpath(link))  # a link loop resolves to no file
+            if (target.is_absolute() or inside == ".." or inside.startswith("../")
+                    or not resolved.is_relative_to(real_root) or not resolved.is_file()):
+                raise ModelArchiveError(
+                    f"model archive {storage_key} has a link {link.relative_to(root)} -> "
+                    f"{target} that is not a file inside the model's folder",
+                    storage_key=storage_key)
 
 
 def _model_root(folder: Path) -> Path | None:

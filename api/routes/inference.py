@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from api.core.models import Adapter, Tenant, new_id
+from api.core.models import Tenant, new_id
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_body, error_responses
 from api.schemas.inference import (
@@ -38,7 +38,6 @@ from api.schemas.inference import (
     LoadedAdapter,
     LoadedAdapterList,
 )
-from api.services import stored_objects
 from api.services.inference import (
     InferenceEngines,
     PreparedInference,
@@ -46,6 +45,7 @@ from api.services.inference import (
     chat_turn_end,
     check_input_chars,
     prepare_inference,
+    servable_by_id,
 )
 from speft_core.chat import TurnEnd
 from speft_core.errors import SpeftError
@@ -209,11 +209,12 @@ async def _generate(prepared: PreparedInference, prompt_ids: list[int],
 @router.get("/adapters/loaded", response_model=LoadedAdapterList)
 def list_loaded_adapters(request: Request, session: SessionDep,
                          tenant: TenantDep) -> LoadedAdapterList:
-    """The caller's adapters resident in this API process, most recently used first."""
+    """The caller's adapters (and checkpoints served by id) resident in this API process, most
+    recently used first."""
     engines = _engines(request)
     resident = engines.loaded()
-    own = stored_objects.live_by_id(session, Adapter, tenant_id=tenant.id,
-                                    object_ids=[entry.key for _, entry in resident])
+    own = servable_by_id(session, tenant_id=tenant.id,
+                         object_ids=[entry.key for _, entry in resident])
     loaded_engines = engines.engines().values()
     return LoadedAdapterList(
         data=[LoadedAdapter(id=entry.key, model=model, bytes=entry.nbytes, pinned=entry.pinned,

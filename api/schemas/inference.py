@@ -199,7 +199,7 @@ class ChatCompletionChunk(_GenerationAnswer):
 
 
 class LoadedAdapter(BaseModel):
-    """An adapter resident in this API process's cache."""
+    """An adapter (or a checkpoint served by its id) resident in this API process's cache."""
 
     id: str
     model: str

@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
 from api.core.models import Adapter, Checkpoint, RegisteredModel
-from api.core.storage import ObjectNotFound, Storage
+from api.core.storage import ObjectNotFound, Storage, StorageUnavailable
 from api.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from api.services import models, stored_objects
 from speft_core.chat import TurnEnd, render_chat, turn_end
-from speft_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError
+from speft_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError, SpeftError
 from speft_core.models import resolve_model
 from speft_core.serving import (
     AdapterTooLargeError,
@@ -41,6 +42,13 @@ class AdapterUnservable(ApiError):
     """422: the adapter exists but cannot be served (corrupt file, another base, another task)."""
 
     status_code, code = 422, "adapter_invalid"
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """503: the base model failed to load in this process; nothing of it was kept, so a retry
+    loads it afresh."""
+
+    code = "model_load_failed"
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ class InferenceEngines:
         self._loading: dict[str, threading.Lock] = {}
 
     def engine(self, session: Session, model: RegisteredModel) -> ServingEngine:
-        """The engine of a registered base model, loading its weights once (first caller)."""
+        """The engine of a registered base model, loading its weights once: concurrent first
+        callers wait for one load. Only a loaded engine is kept: a load that fails is
+        ModelUnavailable (503) for the request that ran it, and the next one loads afresh."""
         engine = self._engines.get(model.id)
         if engine is not None:
             return engine
@@ -72,8 +82,21 @@ class InferenceEngines:
             lock = self._loading.setdefault(model.id, threading.Lock())
         with lock:
             if model.id not in self._engines:
-                self._engines[model.id] = self._load(session, model)
+                self._engines[model.id] = self._load_or_unavailable(session, model)
         return self._engines[model.id]
+
+    def _load_or_unavailable(self, session: Session, model: RegisteredModel) -> ServingEngine:
+        """`_load`, its failures as ModelUnavailable (an outage of the database or storage, or
+        an ApiError, is answered as it is)."""
+        try:
+            return self._load(session, model)
+        except (ApiError, StorageUnavailable, DBAPIError):
+            raise
+        except Exception as err:  # the detail (paths, storage keys) stays in the server's log
+            log.error("serving: base model %s failed to load: %s: %s", model.id,
+                      type(err).__name__, err, exc_info=not isinstance(err, SpeftError))
+            raise ModelUnavailable(f"model {model.id!r} failed to load on this server; the "
+                                   "request can be retried", param="model") from err
 
     def _load(self, session: Session, model: RegisteredModel) -> ServingEngine:
         reference = models.model_reference(session, storage=self._storage(), model_id=model.id,
@@ -129,7 +152,9 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
                                  f"not {model.id!r}", param="adapter")
     engine = engines.engine(session, model)
     session.commit()  # end the read transaction before any slow load
-    loaded = [(load_adapter(engine, storage, rows[adapter_id]), weight)
+    param = "adapter" if model.id == model_id else "model"
+    loaded = [(_load_live_adapter(session, engine, storage, rows[adapter_id],
+                                  tenant_id=tenant_id, param=param), weight)
               for adapter_id, weight in parts]
     if not loaded:
         return PreparedInference(engine, None)
@@ -137,6 +162,18 @@ def prepare_inference(session: Session, *, engines: InferenceEngines, storage: S
     if len(loaded) == 1 and loaded[0][1] == 1.0:
         return PreparedInference(engine, loaded[0][0], template)
     return PreparedInference(engine, engine.compose(loaded), template)
+
+
+def _load_live_adapter(session: Session, engine: ServingEngine, storage: Storage,
+                       row: Adapter | Checkpoint, *, tenant_id: str, param: str) -> ServingAdapter:
+    """`load_adapter`, where an adapter deleted since it was looked up (its file purged under
+    the load) is NotFound naming `param`, as it would have been a moment earlier."""
+    try:
+        return load_adapter(engine, storage, row)
+    except AdapterUnservable:
+        if row.id not in servable_by_id(session, tenant_id=tenant_id, object_ids=[row.id]):
+            raise NotFound(f"no such adapter: {row.id}", param=param) from None
+        raise
 
 
 def servable_by_id(session: Session, *, tenant_id: str,

@@ -181,7 +181,10 @@ class ServingEngine:
             return
         head = getattr(self.served.model, self.served.head_prefix).inner
         hidden = int(self.served.model.config.hidden_size)
-        probe = torch.zeros(1, hidden, device=self.served.device)
+        # the hidden states' dtype (the base weights'), never torch's default: a model load on
+        # another thread changes that process-wide while it runs (transformers' local_torch_dtype)
+        probe = torch.zeros(1, hidden, dtype=self.served.packed.flat.dtype,
+                            device=self.served.device)
         try:
             width = functional_call(head, dict(adapter.head), (probe,)).shape[-1]
         except RuntimeError as err:

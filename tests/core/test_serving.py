@@ -404,6 +404,23 @@ def test_adapter_trained_against_another_dtype_is_refused_naming_it(swap_engine,
     assert "bf16" not in engine.cache
 
 
+def test_an_adapter_loaded_while_a_bfloat16_model_loads_elsewhere_is_served(
+        swap_engine, cls_blobs, cls_merged, cls_tokenizer):
+    """transformers sets torch's process-wide default dtype while it builds a model (bfloat16
+    for a model registered in it): an adapter verified meanwhile on a float32 engine, on another
+    thread, is still accepted and serves its own probabilities."""
+    engine, _ = swap_engine
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what that load does, for as long as it runs
+    try:
+        adapter = engine.adapter("A-beside-a-bf16-load", _blob_fetch(cls_blobs["A"]))
+    finally:
+        torch.set_default_dtype(previous)
+    got = engine.classify(adapter, TEXTS).result(timeout=RESULT_TIMEOUT)
+    assert torch.equal(probs_of(got, A_LABELS),
+                       reference_probs(cls_merged("A"), cls_tokenizer, TEXTS))
+
+
 def test_concurrent_cold_loads_fetch_once(minilm, cls_blobs):
     engine = ServingEngine.load(minilm, "classification", name="minilm-flight")
     calls = []

@@ -125,6 +125,34 @@ def test_path_traversal_archives_are_refused(storage, cache_dir, tmp_path, membe
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "escaped").exists()
 
 
+@pytest.mark.parametrize("target", [
+    "../{first}/model.safetensors",  # inside the temp folder; a sibling cache folder once renamed
+    "sub/../../{first}/config.json",  # the same, by a longer way
+    ".",  # a folder: a link through it could climb out by a way its name does not show
+])
+def test_a_link_out_of_the_models_own_folder_is_refused(storage, cache_dir, stories_dir, target):
+    first = _put(storage, tar_folder(stories_dir), key="models/first.tar.gz")
+    local_model_folder(storage, storage_key="models/first.tar.gz", sha256=first,
+                       cache_dir=cache_dir)
+    config = (stories_dir / "config.json").read_bytes()
+    sha256 = _put(storage, tar_members(_file("model/config.json", config), _file("model/sub/x"),
+                                       _symlink("model/weights", target.format(first=first))))
+    with pytest.raises(ModelArchiveError, match="not a file inside the model's folder"):
+        local_model_folder(storage, storage_key=KEY, sha256=sha256, cache_dir=cache_dir)
+    assert [p.name for p in cache_dir.iterdir()] == [first]
+
+
+def test_a_link_to_a_file_inside_the_model_is_kept(storage, cache_dir, stories_dir):
+    config = (stories_dir / "config.json").read_bytes()
+    sha256 = _put(storage, tar_members(_file("model/config.json", config),
+                                       _file("model/sub/weights.bin", b"w"),
+                                       _symlink("model/weights.bin", "sub/weights.bin"),
+                                       _symlink("model/sub/config.json", "../config.json")))
+    folder = local_model_folder(storage, storage_key=KEY, sha256=sha256, cache_dir=cache_dir)
+    assert (folder / "weights.bin").read_bytes() == b"w"
+    assert (folder / "sub" / "config.json").read_bytes() == config
+
+
 def test_an_archive_unpacking_past_the_limit_is_refused(storage, cache_dir):
     sha256 = _put(storage, tar_members(_file("config.json"), _file("big.bin", b"x" * 2048)))
     with pytest.raises(ModelArchiveError, match="unpacks to more than 1024 bytes"):
