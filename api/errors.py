@@ -91,10 +91,21 @@ class RateLimited(ApiError):
     status_code, error_type, code = 429, "rate_limit_error", "rate_limited"
 
 
+# Seconds a 503 asks a client to wait before retrying (the `openai` SDK honours Retry-After).
+RETRY_AFTER_UNAVAILABLE_S = 1
+_RETRY_LATER = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+
+
 class ServiceUnavailable(ApiError):
-    """503: a dependency (database, broker, storage) is unreachable; nothing was written."""
+    """503: a dependency (database, broker, storage) is unreachable or a model failed to load;
+    nothing was written, and `Retry-After` says when to try again."""
 
     status_code, error_type, code = 503, "service_unavailable", "service_unavailable"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, param=param, code=code, headers={**_RETRY_LATER,
+                                                                   **(headers or {})})
 
 
 def error_body(code: str, message: str, *, param: str | None = None,
@@ -149,7 +160,7 @@ def _unavailable(dependency: str, reason: str) -> SafeJSONResponse:
     return SafeJSONResponse(
         error_body(ServiceUnavailable.code, f"{dependency} unavailable: {reason}",
                    param=dependency, error_type=ServiceUnavailable.error_type),
-        status_code=ServiceUnavailable.status_code)
+        status_code=ServiceUnavailable.status_code, headers=_RETRY_LATER)
 
 
 def is_database_unavailable(exc: BaseException) -> bool:

@@ -66,6 +66,7 @@ def assert_unavailable(response: httpx.Response, dependency: str) -> None:
     assert (error["code"], error["type"], error["param"]) == (
         "service_unavailable", "service_unavailable", dependency)
     assert error["message"].startswith(f"{dependency} unavailable: ")
+    assert response.headers["retry-after"] == "1"
 
 
 def assert_readyz_names(client: TestClient, dependency: str) -> None:

@@ -175,6 +175,7 @@ def test_a_failed_load_is_503_for_its_request_and_the_next_one_loads_it(
         "model_load_failed", "model", "service_unavailable"), error
     assert f"model {model!r} failed to load" in error["message"]
     assert "can be retried" in error["message"]
+    assert failed.headers["retry-after"] == "1"  # when to try again (the openai SDK honours it)
     assert server.ready().status_code == 200  # the process itself is fine
     other = server.post("/v1/completions", {**body, "model": "stories-260k"})
     assert other.status_code == 200, other.text  # another model is not held up by it
