@@ -30,16 +30,17 @@ from .errors import (
 )
 from .masks import drop_and_grow, select_mask
 from .models import load_model, load_tokenizer, registered_models, resolve_model
+from .progress import PHASES, PhaseReport, StepReport, TrainCallbacks
 from .salience import METRICS, SalienceInputs, compute_salience
 from .sparse_linear import SparseDeltaLinear, inject_sparse_deltas, remove_sparse_deltas
 from .targets import find_target_linears
-from .train import StepReport, TrainCallbacks, TrainResult, fine_tune, train_sparse
+from .train import TrainResult, fine_tune, train_sparse
 
 __all__ = [
-    "METRICS", "ConfigError", "DatasetFormatError", "Delta", "DeltaFormatError",
-    "DeltaMismatchError", "DeltaStateError", "JobSpec", "ModelLoadError", "SalienceInputs",
-    "SparseDeltaLinear", "SpeftConfig", "SpeftError", "StepReport", "TargetsError",
-    "TrainCallbacks", "TrainConfig", "TrainResult", "TrainingCancelled", "UnknownMetricError",
+    "METRICS", "PHASES", "ConfigError", "DatasetFormatError", "Delta", "DeltaFormatError",
+    "DeltaMismatchError", "DeltaStateError", "JobSpec", "ModelLoadError", "PhaseReport",
+    "SalienceInputs", "SparseDeltaLinear", "SpeftConfig", "SpeftError", "StepReport",
+    "TargetsError", "TrainCallbacks", "TrainConfig", "TrainResult", "TrainingCancelled", "UnknownMetricError",
     "apply_delta", "compute_salience", "delta_to_bytes", "drop_and_grow", "find_target_linears",
     "fine_tune", "fingerprint", "inject_sparse_deltas", "load_delta", "load_model",
     "load_tokenizer", "merge_delta", "registered_models", "remove_sparse_deltas",

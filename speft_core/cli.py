@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import JobSpec
 from .delta import save_delta
 from .errors import ConfigError, SpeftError
-from .train import StepReport, TrainCallbacks, fine_tune
+from .progress import LOADING, TRAINING, PhaseReport, StepReport, TrainCallbacks
+from .train import fine_tune
 
 app = typer.Typer(help="speft: salience-aware sparse fine-tuning.", no_args_is_help=True,
                   add_completion=False)
@@ -70,7 +71,12 @@ def train(
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
                       console=console, disable=quiet) as progress:
-            bar = progress.add_task("scoring salience", total=None, status="")
+            bar = progress.add_task(LOADING, total=None, status="")
+
+            def on_phase(report: PhaseReport) -> None:
+                if report.phase != TRAINING:  # training shows its steps (on_step)
+                    progress.update(bar, description=report.phase, total=report.total,
+                                    completed=report.step, status="")
 
             def on_step(report: StepReport) -> None:
                 progress.update(bar, description="training", total=report.total_steps,
@@ -81,7 +87,8 @@ def train(
                 shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
                 progress.console.print(f"step {step}: {shown}")
 
-            result = fine_tune(spec, callbacks=TrainCallbacks(on_step=on_step, on_eval=on_eval),
+            callbacks = TrainCallbacks(on_step=on_step, on_eval=on_eval, on_phase=on_phase)
+            result = fine_tune(spec, callbacks=callbacks,
                                device=torch.device(device) if device else None)
     except SpeftError as err:
         where = f" ({err.param})" if err.param else ""

@@ -35,7 +35,7 @@ Task = Literal["classification", "causal_lm"]
 # Bounds a service can rely on; a user asking for more gets a ConfigError naming the field.
 MAX_EPOCHS = 100
 MAX_BATCH_SIZE = 1024
-MAX_LENGTH = 8192
+MAX_LENGTH = 8192  # tokens an example may hold; also the memory cap of max_length "auto"
 MAX_SCORING_EXAMPLES = 100_000
 
 
@@ -248,7 +248,12 @@ class TrainConfig:
         default=32, metadata={"help": "examples per step, or 'auto' (see AUTO_RULES)"})
     learning_rate: float | Literal["auto"] = field(
         default=5e-4, metadata={"help": "AdamW's peak rate, or 'auto' (see AUTO_RULES)"})
-    max_length: int = 128
+    max_length: int | Literal["auto"] = field(
+        default=AUTO,
+        metadata={"help": "tokens an example may hold, or 'auto': the model's context, at most "
+                          "8192 (MAX_LENGTH, the memory cap). A longer text is truncated; a "
+                          "longer chat conversation is dropped and counted in an event. Batches "
+                          "are as long as their longest example"})
     seed: int = 42
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
@@ -294,7 +299,8 @@ class TrainConfig:
             _check_int_range("n_epochs", self.n_epochs, 1, MAX_EPOCHS)
         if self.batch_size != AUTO:
             _check_int_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
-        _check_int_range("max_length", self.max_length, 2, MAX_LENGTH)
+        if self.max_length != AUTO:
+            _check_int_range("max_length", self.max_length, 2, MAX_LENGTH)
         _check_int_range("seed", self.seed, 0, 2**32 - 1)
         _check_int_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
         if self.learning_rate != AUTO:

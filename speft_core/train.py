@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +21,6 @@ from . import data as datasets
 from .checkpoint import (
     BestSoFar,
     Checkpointer,
-    CheckpointReport,
     TrainingState,
     capture_rng,
     checkpoint_steps,
@@ -30,47 +28,28 @@ from .checkpoint import (
 )
 from .config import JobSpec, SpeftConfig, TrainConfig, resolve_auto
 from .delta import CHAT_TEMPLATE_KEY, FORMAT, Delta, fingerprint
-from .errors import ConfigError, DatasetFormatError, TrainingCancelled, TrainingPaused
+from .errors import ConfigError, DatasetFormatError, TrainingPaused
+from .lengths import effective_max_length
 from .masks import MaskUpdate, choose_mask, drop_and_grow, normalise_per_module
 from .models import classification_head, load_model, load_tokenizer, resolve_model
+from .progress import (
+    CHECKPOINTING,
+    EVALUATING,
+    EVALUATING_BASE,
+    HEAD_WARMUP,
+    LOADING,
+    SCORING_SALIENCE,
+    SELECTING_MASK,
+    TRAINING,
+    PhaseReport,
+    PhaseTracker,
+    StepReport,
+    TrainCallbacks,
+)
 from .salience import SalienceInputs, compute_salience
 from .sparse_linear import SparseDeltaLinear, inject_sparse_deltas, remove_sparse_deltas
 from .targets import find_target_linears
 from .tasks import batch_loss, evaluate, example_losses
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What the step callback receives after every optimizer step."""
-
-    step: int
-    total_steps: int
-    epoch: int
-    train_loss: float
-    lr: float
-    grad_norm: float
-    tokens: int = 0  # tokens trained on so far (attention-mask ones over every step's batches)
-
-
-@dataclass
-class TrainCallbacks:
-    """Hooks the caller plugs in: progress, evaluation, free-form events, and cancellation."""
-
-    on_step: Callable[[StepReport], None] | None = None
-    on_eval: Callable[[int, dict[str, float]], None] | None = None
-    on_event: Callable[[str, dict[str, Any]], None] | None = None
-    should_cancel: Callable[[], bool] | None = None
-    on_checkpoint: Callable[[CheckpointReport], None] | None = None
-    should_pause: Callable[[], bool] | None = None  # checkpoint, then raise TrainingPaused
-
-    def event(self, message: str, **data: Any) -> None:
-        """Forward an event to the caller and the log."""
-        log.info("speft.train %s %s", message, data)
-        if self.on_event is not None:
-            self.on_event(message, data)
-
 
 @dataclass
 class TrainResult:
@@ -131,6 +110,7 @@ class _Trainer:
         self.trained_tokens = 0
         # training examples to score on, and those the head warm-up trains on
         self.scoring_pool, self.warmup_pool = self._holdout_split()
+        self.phases = PhaseTracker(callbacks, total_steps=self._total_steps())
 
     # -- data -----------------------------------------------------------------------------
     def _batches(self, features, *, shuffle: bool, seed: int, size: int | None = None):
@@ -163,17 +143,19 @@ class _Trainer:
         size = self.speft.scoring_batch_size or self.hyper.batch_size
         return list(self._batches(chosen, shuffle=False, seed=seed, size=size))
 
-    def _eval(self) -> dict[str, float]:
+    def _eval(self, phase: str = EVALUATING) -> dict[str, float]:
         if not self.eval_features:
             return {}
+        self.phases.enter(phase, total=len(self.eval_features))
         with _autocast(self.device):
-            return evaluate(self.model, self._batches(self.eval_features, shuffle=False, seed=0),
-                            self.task)
+            return evaluate(self.model, self.phases.iterate(
+                self._batches(self.eval_features, shuffle=False, seed=0)), self.task)
 
     # -- salience and masks ---------------------------------------------------------------
     def _scores(self, targets: Mapping[str, nn.Linear]) -> dict[str, torch.Tensor]:
         inputs = SalienceInputs(
-            model=self.model, targets=targets, batches=self._scoring_batches(),
+            model=self.model, targets=targets,
+            batches=self.phases.track(SCORING_SALIENCE, self._scoring_batches()),
             loss_fn=lambda m, b: example_losses(m, b, self.task), seed=self.hyper.seed,
         )
         with _autocast(self.device):
@@ -183,6 +165,7 @@ class _Trainer:
                      optimizer: torch.optim.Optimizer) -> int:
         """Dynamic mask: re-score the current model, drop smallest |value|, grow top salience."""
         scores = self._scores({n: layer.base for n, layer in layers.items()})
+        self.phases.enter(SELECTING_MASK)
         if self.speft.score_normalization == "module":
             normalise_per_module(scores)
         current = {n: (layer.indices, layer.values.detach()) for n, layer in layers.items()}
@@ -201,6 +184,7 @@ class _Trainer:
         steps = self.speft.head_warmup_steps
         if steps == 0 or self.task != "classification":
             return
+        self.phases.enter(HEAD_WARMUP, total=steps)
         head = list(classification_head(self.model).values())
         for p in head:
             p.requires_grad_(True)
@@ -212,7 +196,7 @@ class _Trainer:
         while done < steps:
             for batch in self._batches(warmup_features, shuffle=True,
                                        seed=self.hyper.seed + 104_729 + done):
-                self._check_cancel()
+                self.phases.stop()
                 with _autocast(self.device):
                     loss = batch_loss(self.model, batch, self.task)
                 loss.backward()
@@ -220,6 +204,7 @@ class _Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 done += 1
+                self.phases.advance(done)
                 if done == steps:
                     break
         self.model.eval()
@@ -237,6 +222,7 @@ class _Trainer:
         self._warm_up_head()
         started = time.perf_counter()
         scores = self._scores(targets)
+        self.phases.enter(SELECTING_MASK)
         masks = choose_mask(scores, self.speft, seed=self.hyper.seed, task=self.task)
         del scores
         self.callbacks.event("mask selected", metric=self.speft.metric,
@@ -354,8 +340,10 @@ class _Trainer:
             for index, group in enumerate(self._accumulation_groups(epoch)):
                 if epoch == first_epoch and index < skip:
                     continue  # trained before the resumed state was taken
-                self._check_cancel()
+                self.phases.enter(TRAINING, total=total, step=step)
+                callbacks.check_stop()
                 if checkpointer is not None and callbacks.should_pause and callbacks.should_pause():
+                    self.phases.enter(CHECKPOINTING)
                     checkpointer.pause(step=step, total=total, epoch=epoch,
                                        resume_at=(epoch, index), scheduler=scheduler)
                     raise TrainingPaused(f"training paused on request after step {step}",
@@ -388,6 +376,8 @@ class _Trainer:
                     callbacks.on_eval(step, {**metrics, "epoch": epoch})
                 resume_at = ((epoch + 1, 0) if index + 1 == steps_per_epoch
                              else (epoch, index + 1))
+                if checkpointer is not None and callbacks.on_checkpoint is not None:
+                    self.phases.enter(CHECKPOINTING)
                 if checkpointer is not None and checkpointer.take(
                         step=step, total=total, epoch=epoch, resume_at=resume_at,
                         scheduler=scheduler, train_loss=loss_sum, evaluation=metrics):
@@ -418,10 +408,6 @@ class _Trainer:
             groups.append({"params": head, "weight_decay": 0.0,
                            "lr": self.hyper.head_learning_rate or self.hyper.learning_rate})
         return torch.optim.AdamW(groups, lr=self.hyper.learning_rate)
-
-    def _check_cancel(self) -> None:
-        if self.callbacks.should_cancel is not None and self.callbacks.should_cancel():
-            raise TrainingCancelled("training cancelled on request")
 
 
 def _load_head(head: Mapping[str, nn.Parameter], saved: Mapping[str, torch.Tensor]) -> None:
@@ -521,7 +507,9 @@ def train_sparse(
                        eval_features=eval_features, pad_token_id=pad_token_id,
                        callbacks=callbacks, device=device, make_delta=make_delta)
     started = time.perf_counter()
-    base_eval = trainer._eval()
+    if resume is not None:
+        trainer.phases.pause_step = resume.step
+    base_eval = trainer._eval(EVALUATING_BASE)
     if base_eval:
         callbacks.event("base model evaluated", **base_eval)
     try:
@@ -577,43 +565,49 @@ def fine_tune(
     """Run a whole job from local JSONL files: load data and model, train, return the delta
     (`resume`: continue from a state an earlier run of the same job saved at a checkpoint)."""
     hyper = spec.hyperparameters
+    callbacks = callbacks or TrainCallbacks()
+    callbacks.phase(PhaseReport(LOADING))
     source = resolve_model(spec.model, spec.task)
     train_examples = datasets.read_jsonl(spec.training_file, spec.task)
     eval_examples = (datasets.read_jsonl(spec.validation_file, spec.task)
                      if spec.validation_file else None)
     tokenizer = load_tokenizer(source.path)
     labels = datasets.label_set(train_examples) if spec.task == "classification" else None
-    if labels is not None and len(labels) < 2:
-        raise DatasetFormatError(f"the training file has a single label ({labels[0]!r}); a "
-                                 "classifier needs at least two", param="training_file")
+    if labels is not None:
+        datasets.check_label_sets(labels, datasets.label_set(eval_examples or []))
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     torch.manual_seed(hyper.seed)  # a new classification head is drawn here: same seed, same head
     dtype = hyper.dtype if hyper.dtype != "auto" else source.dtype
     model = load_model(source.path, spec.task, labels=labels, dtype=dtype)
     positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and hyper.max_length > positions:
+    if isinstance(positions, int) and isinstance(hyper.max_length, int) and (
+            hyper.max_length > positions):
         raise ConfigError(f"max_length {hyper.max_length} is beyond the {positions} positions "
                           f"of {source.name}", param="hyperparameters.max_length")
+    max_length = effective_max_length(tokenizer, hyper.max_length, positions)  # 'auto': context
     if hyper.early_stopping is not None and not eval_examples:
         raise ConfigError("early_stopping watches the validation loss: give a validation_file",
                           param="hyperparameters.early_stopping")
-    callbacks = callbacks or TrainCallbacks()
     is_chat = isinstance(train_examples[0], datasets.ChatExample)
-    template = chat.chat_template_for(tokenizer) if is_chat else None
+    choice = (chat.choose_chat_template(tokenizer, [*train_examples, *(eval_examples or [])])
+              if is_chat else None)
+    template = choice.template if choice else None
+    if choice and choice.unrendered:
+        callbacks.event("the model's chat template leaves out fields the data uses; the default "
+                        "chat template is used", fields=list(choice.unrendered))
 
     def tokenize(examples: Sequence[datasets.Example], param: str) -> list[dict[str, Any]]:
         if isinstance(examples[0], datasets.ChatExample) != is_chat:
             raise DatasetFormatError("the validation file must be chat rows exactly when the "
                                      "training file is", param="validation_file")
         if not is_chat:
-            return datasets.tokenize(examples, tokenizer, spec.task, max_length=hyper.max_length,
+            return datasets.tokenize(examples, tokenizer, spec.task, max_length=max_length,
                                      label2id=label2id)
-        result = chat.tokenize_chat(examples, tokenizer, max_length=hyper.max_length,
-                                    template=template)
+        result = chat.tokenize_chat(examples, tokenizer, max_length=max_length, template=template)
         if result.dropped_lines:
             callbacks.event("conversations longer than max_length dropped", file=param,
                             count=len(result.dropped_lines), lines=result.dropped_lines[:20],
-                            max_length=hyper.max_length)
+                            max_length=max_length)
         return result.features
 
     return train_sparse(

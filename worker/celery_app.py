@@ -6,22 +6,16 @@ its worker's main process is gone, also after a SIGKILL that gave the worker no 
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
 
 from celery import Celery
 from celery.signals import beat_embedded_init, worker_init, worker_process_init
 
 from api.core.config import Settings, get_settings
-from api.core.queue import RECONCILE_TASK, configured_celery
-
-log = logging.getLogger(__name__)
+from api.core.queue import RECONCILE_TASK, configured_celery, exit_with_parent
 
 # The reconciler's schedule is an interval; nothing about it is worth a file between starts.
 IN_MEMORY_BEAT_SCHEDULER = "celery.beat:Scheduler"
-PARENT_POLL_S = 0.5  # how often an embedded beat checks that its worker still runs
 _worker_pid: int | None = None  # the worker's main process, remembered before beat forks
 
 
@@ -29,8 +23,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
     """The worker's app: worker.tasks included, the reconciler scheduled (tests pass settings)."""
     settings = settings or get_settings()
     app = configured_celery(settings, include=["worker.tasks", "worker.webhooks"])
-    # The reconciler (worker.tasks.reconcile), sent by the beat each worker embeds to the control
-    # queue every worker reads; a sweep nobody picked up in time expires instead of piling up.
+    # The reconciler (worker.tasks.reconcile), sent by the beat each control worker embeds to
+    # the control queue its threads read; a sweep nobody picked up in time expires.
     app.conf.beat_scheduler = IN_MEMORY_BEAT_SCHEDULER
     app.conf.beat_schedule = {"speft-reconcile": {
         "task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s,
@@ -55,16 +49,9 @@ def _remember_worker_pid(**_: object) -> None:
 
 @beat_embedded_init.connect
 def _exit_with_the_worker(**_: object) -> None:
-    """In an embedded beat process: exit as soon as the worker that forked it is gone."""
-    parent = _worker_pid or os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        log.warning("beat: worker %d is gone; exiting", parent)
-        os._exit(0)  # no state to save: the schedule lives in memory
-
-    threading.Thread(target=watch, name="beat-parent-watch", daemon=True).start()
+    """In an embedded beat process: exit as soon as the worker that forked it is gone (no state
+    to save: the schedule lives in memory)."""
+    exit_with_parent(_worker_pid or os.getppid(), what="beat", on_gone=lambda: os._exit(0))
 
 
 app = create_celery()

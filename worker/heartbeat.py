@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class ProgressClock:
-    """When the attempt last showed progress: a step, an evaluation or an event (the recorder
-    touches it; phases that report none, such as model download or salience scoring, do not)."""
+    """When the attempt last showed progress: a step, a phase report, an evaluation or an event
+    (the recorder touches it; what reports none until it ends, such as model download or mask
+    selection, does not)."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()

@@ -1,4 +1,5 @@
-"""Training callbacks that record a running attempt: progress, metrics, events, cancel polls."""
+"""Training callbacks that record a running attempt: progress, phases, metrics, events, cancel
+polls."""
 from __future__ import annotations
 
 import statistics
@@ -13,14 +14,16 @@ from api.core.models import JobStatus, utcnow
 from api.core.storage import Storage
 from api.core.unit_of_work import commit_and_run
 from api.services.checkpoints import record_checkpoint
+from api.services.job_progress import record_phase
 from api.services.job_runs import json_safe
 from api.services.jobs import add_event, record_eval, record_progress, stop_requested
 from speft_core.checkpoint import CheckpointReport, state_to_bytes
 from speft_core.delta import delta_to_bytes
-from speft_core.train import StepReport, TrainCallbacks
+from speft_core.progress import LOADING, PhaseReport, StepReport, TrainCallbacks
 from worker.heartbeat import ProgressClock
 
 CANCEL_POLL_S = 2.0  # how often a running job rereads its status to notice a cancel request
+PHASE_WRITE_S = 1.0  # a phase's own progress is written at most this often (a new phase at once)
 
 
 class StepRate:
@@ -48,9 +51,9 @@ class StepRate:
 
 
 class JobRecorder:
-    """Training callbacks that write progress, metrics and events to the job and poll for cancel;
-    each step, evaluation and event also moves the attempt's `progress` clock (the heartbeat
-    stops when it stands still for SPEFT_STALL_TIMEOUT_S)."""
+    """Training callbacks that write progress, phases, metrics and events to the job and poll for
+    cancel and pause; each step, phase report, evaluation and event also moves the attempt's
+    `progress` clock (the heartbeat stops when it stands still for SPEFT_STALL_TIMEOUT_S)."""
 
     def __init__(self, session: Session, job_id: str, attempt: int,
                  progress: ProgressClock | None = None, *, storage: Storage | None = None,
@@ -64,11 +67,15 @@ class JobRecorder:
         self.stop = False  # the attempt lost the job (it is no longer active, or not ours)
         self.stop_for: JobStatus | None = None
         self.last_poll = float("-inf")
+        self.phase = LOADING  # what the claim recorded
+        self.phase_rate = StepRate()
+        self.last_phase_write = float("-inf")
 
     def callbacks(self) -> TrainCallbacks:
         """The TrainCallbacks to hand to speft_core."""
         return TrainCallbacks(on_step=self.on_step, on_eval=self.on_eval,
                               on_event=self.on_event, should_cancel=self.should_cancel,
+                              on_phase=self.on_phase,
                               on_checkpoint=self.on_checkpoint if self.storage else None,
                               should_pause=self.should_pause if self.storage else None)
 
@@ -82,6 +89,27 @@ class JobRecorder:
                                                                      report.total_steps))
         self.session.commit()
         self.progress.touch()
+        self.stop = self.stop or not active
+
+    def on_phase(self, report: PhaseReport) -> None:
+        """The phase and its progress and estimate: a new phase written at once with its event,
+        its progress at most every PHASE_WRITE_S (and when it completes)."""
+        entered = report.phase != self.phase
+        if entered:
+            self.phase, self.phase_rate = report.phase, StepRate()
+        estimate = (self.phase_rate.estimate(report.step, report.total)
+                    if report.total is not None else None)
+        self.progress.touch()
+        now = time.monotonic()
+        written_lately = now - self.last_phase_write < PHASE_WRITE_S
+        if not entered and report.step != report.total and written_lately:
+            return
+        self.last_phase_write = now
+        active = record_phase(self.session, job_id=self.job_id, attempt=self.attempt,
+                              phase=report.phase, step=report.step, total=report.total,
+                              total_steps=report.total_steps, estimated_finish=estimate,
+                              entered=entered)
+        self.session.commit()
         self.stop = self.stop or not active
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:

@@ -28,11 +28,18 @@ from sqlalchemy.orm import Session
 
 from api.core.config import get_settings
 from api.core.db import get_session_factory
-from api.core.models import Job, utcnow
+from api.core.models import Job, JobStatus, utcnow
 from api.core.queue import RECONCILE_TASK, RUN_JOB_TASK, CeleryEnqueuer
-from api.core.storage import Storage, open_storage
+from api.core.storage import (
+    RetryingStorage,
+    Storage,
+    StorageUnavailable,
+    open_storage,
+    retry_while_unavailable,
+)
 from api.core.unit_of_work import rollback_and_undo, unit_of_work
 from api.services import checkpoints, job_runs, webhooks
+from api.services.job_stops import release_job, retry_or_fail
 from api.services.jobs import (
     INTERNAL_ERROR,
     USER_ERROR,
@@ -40,10 +47,10 @@ from api.services.jobs import (
     current_attempt,
     finish_cancelled,
     finish_failed,
-    finish_paused,
 )
 from api.services.reconciler import ReconcilePolicy, reconcile_jobs, sweep_orphan_objects
 from speft_core.errors import SpeftError, TrainingCancelled, TrainingPaused
+from speft_core.progress import SAVING, PhaseReport
 from speft_core.train import fine_tune
 from worker.celery_app import app
 from worker.heartbeat import Heartbeat, ProgressClock
@@ -102,9 +109,14 @@ def send_webhooks(session: Session, *, job_id: str | None = None,
 
 
 def _run_claimed(session: Session, job_id: str, attempt: int, progress: ProgressClock) -> None:
-    """Train a claimed job and record how it ended (every write leased to `attempt`)."""
+    """Train a claimed job and record how it ended (every write leased to `attempt`). Its
+    storage calls are retried for SPEFT_STORAGE_RETRY_S; storage still refusing after that
+    re-queues the job (or fails it, out of attempts)."""
     try:
-        storage = get_storage()
+        retry_s = get_settings().storage_retry_s
+        storage = RetryingStorage(retry_while_unavailable(get_storage, timeout_s=retry_s,
+                                                          what="opening the storage"),
+                                  timeout_s=retry_s)
         with job_runs.local_inputs(session, storage=storage, job_id=job_id,
                                    cache_dir=get_settings().model_cache_dir) as (spec, device):
             resume = checkpoints.latest_state(session, storage=storage, job_id=job_id)
@@ -114,13 +126,19 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
                                    after_checkpoint=lambda: send_webhooks(session, job_id=job_id))
             result = fine_tune(spec, device=device, callbacks=recorder.callbacks(),
                                resume=resume)
+        recorder.on_phase(PhaseReport(SAVING))
         job_runs.publish_adapter(session, storage=storage, job_id=job_id, attempt=attempt,
                                  spec=spec, result=result)
     except TrainingPaused as err:
         rollback_and_undo(session)
         with unit_of_work(session):
-            finish_paused(session, job_id=job_id, step=err.step, attempt=attempt)
-        log.info("speft.job paused job_id=%s: %s", job_id, err.message)
+            status = release_job(
+                session, job_id=job_id, attempt=attempt, voluntary=True, step=err.step,
+                reason=f"the pause was withdrawn after its worker had stopped at step "
+                       f"{err.step}; it goes on from that step's checkpoint")
+        _after_release(session, job_id, status)
+        log.info("speft.job stopped on a pause request job_id=%s status=%s: %s", job_id,
+                 status, err.message)
     except TrainingCancelled:
         rollback_and_undo(session)
         with unit_of_work(session):
@@ -132,9 +150,32 @@ def _run_claimed(session: Session, job_id: str, attempt: int, progress: Progress
     except job_runs.DeviceUnavailable as err:
         _fail(session, job_id, attempt, INTERNAL_ERROR, str(err), "device")
         log.error("speft.job misrouted job_id=%s worker=%s: %s", job_id, worker_name(), err)
+    except StorageUnavailable as err:
+        log.error("speft.job storage still unavailable after retries job_id=%s: %s", job_id,
+                  err.message)
+        rollback_and_undo(session)
+        with unit_of_work(session):
+            status = retry_or_fail(session, job_id=job_id, attempt=attempt,
+                                   max_attempts=get_settings().max_attempts,
+                                   reason=f"object storage unavailable: {err.message}")
+        _after_release(session, job_id, status)
     except Exception as err:
         log.exception("speft.job internal error job_id=%s", job_id)
         _fail(session, job_id, attempt, INTERNAL_ERROR, f"internal error: {type(err).__name__}")
+
+
+def _after_release(session: Session, job_id: str, status: JobStatus | None) -> None:
+    """Send a job the attempt re-queued (its status is committed); a broker that fails leaves
+    it to the reconciler, which re-sends a queued job not claimed within SPEFT_REQUEUE_AFTER_S."""
+    if status != JobStatus.QUEUED:
+        return
+    try:
+        with unit_of_work(session):
+            device = session.get(Job, job_id).device
+        CeleryEnqueuer(get_settings(), celery=app)(job_id, device)
+    except Exception:
+        log.exception("speft.job re-queued but not sent job_id=%s (the reconciler re-sends it)",
+                      job_id)
 
 
 def _fail(session: Session, job_id: str, attempt: int, code: str, message: str,

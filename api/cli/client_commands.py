@@ -163,7 +163,8 @@ def jobs_list(
     for job in jobs:
         progress = job.get("progress") or {}
         total = progress.get("total_steps")
-        row = [job["id"], job["status"], job["model"],
+        doing = job_phase(job)
+        row = [job["id"], job["status"] + (f" ({doing})" if doing else ""), job["model"],
                f"{progress.get('step', 0)}/{total if total is not None else '?'}",
                _when(job.get("created_at"))]
         table.add_row(*row, *([job.get("adapter_id") or ""] if wide else []))
@@ -234,19 +235,40 @@ def _latest_loss(client: SpeftClient, job_id: str) -> str:
     return f"loss {losses[-1]:.4f}" if losses else ""
 
 
+def job_phase(job: dict[str, Any], *, counts: bool = True) -> str:
+    """What a running job is doing: its phase (with `counts`, the phase's own progress:
+    'scoring_salience 128/512'), or that its worker has gone silent; '' when no worker runs it."""
+    progress = job.get("progress") or {}
+    if progress.get("stale"):
+        return f"no word from its worker since {_when(progress.get('heartbeat_at'))} UTC"
+    phase, total = progress.get("phase"), progress.get("phase_total")
+    if not phase:
+        return ""
+    return f"{phase} {progress.get('phase_step', 0)}/{total}" if total and counts else phase
+
+
 def wait_for_job(client: SpeftClient, job_id: str) -> int:
-    """Poll a job with a progress bar until it ends; the exit code for its terminal status."""
+    """Poll a job with a progress bar until it ends (the bar follows the phase: examples scored,
+    steps trained, …; each new phase is also printed); the exit code for its terminal status."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
                   console=console) as progress:
         bar = progress.add_task(job_id, total=None, loss="")
+        shown_phase = None
         while True:
             job = client.get_job(job_id)
-            step = (job.get("progress") or {}).get("step", 0)
-            total = (job.get("progress") or {}).get("total_steps")
+            report = job.get("progress") or {}
+            if report.get("phase") and report["phase"] != shown_phase:
+                progress.console.print(f"{job_id}: {report['phase']}", highlight=False)
+            shown_phase = report.get("phase")
+            completed, total = ((report.get("phase_step", 0), report["phase_total"])
+                                if report.get("phase_total") else
+                                (report.get("step", 0), report.get("total_steps")))
             loss = _latest_loss(client, job_id) if job["status"] != "queued" else ""
-            progress.update(bar, description=f"{job_id} {job['status']}", completed=step,
-                            total=total, loss=loss)
+            doing = job_phase(job, counts=False)  # the bar counts the phase's progress
+            progress.update(bar, description=f"{job_id} {job['status']}"
+                            + (f" · {doing}" if doing else ""),
+                            completed=completed, total=total, loss=loss)
             if job["status"] in TERMINAL_EXIT_CODES:
                 break
             time.sleep(POLL_INTERVAL_S)

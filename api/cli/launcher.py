@@ -1,13 +1,12 @@
-"""The service's processes: `speft serve` (the REST API), `speft worker` (the Celery worker with
-its embedded beat) and `speft run` (both in the foreground, what `make run` starts)."""
+"""The service's processes: `speft serve` (the REST API), `speft worker` (a training Celery worker
+and, beside it, a control worker on threads with the embedded beat) and `speft run` (API and
+workers in the foreground, what `make run` starts)."""
 from __future__ import annotations
 
 import ipaddress
 import os
-import signal
 import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -91,6 +90,10 @@ def worker_devices(device: str, *, cuda_available: bool) -> list[str]:
     return [device]
 
 
+WORKER_ROLES = ("all", "training", "control")
+CONTROL_THREADS = 8  # the control worker's default thread count
+
+
 def worker(
     device: Annotated[str, typer.Option(help="cpu, cuda, auto (cuda when present) or all (cpu "
                                              "and, when present, cuda): the jobs this worker "
@@ -98,13 +101,54 @@ def worker(
                                              "device")] = "auto",
     queues: Annotated[str | None, typer.Option(help="comma-separated queues, instead of the "
                                                     "device's own")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    concurrency: Annotated[int, typer.Option(min=1, help="training processes (jobs at once)")] = 1,
     pool: Annotated[str | None, typer.Option(help="solo or prefork (default: solo with the "
                                                   "embedded broker, prefork otherwise)")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    role: Annotated[str, typer.Option(help="all (a training worker and a control worker side "
+                                           "by side), training, or control (the reconciler "
+                                           "and webhook deliveries, on threads)")] = "all",
+    control_threads: Annotated[int, typer.Option(min=1, help="the control worker's threads "
+                                                             "(deliveries and sweeps at "
+                                                             "once)")] = CONTROL_THREADS,
 ) -> None:
-    """Run the Celery worker that trains jobs; configured by SPEFT_* environment variables."""
+    """Run the Celery workers that train jobs and do the service's own work (the reconciler,
+    webhook deliveries); configured by SPEFT_* environment variables."""
     settings = load_settings()
+    if role not in WORKER_ROLES:
+        console.print(f"[red]error (--role):[/red] expected {', '.join(WORKER_ROLES)}; got "
+                      f"{role!r}")
+        raise typer.Exit(code=2)
+    from api.cli.supervision import fork_worker, supervise
+    from api.core.queue import run_worker
+
+    # The control worker: its own process and thread pool, so a sweep or a delivery never waits
+    # for a training slot. It embeds the group's one beat, which schedules the reconciler
+    # (sweeps are idempotent, so one beat per `speft worker` is harmless), keeps its schedule
+    # in memory and exits with this worker (worker.celery_app).
+    control = ["worker", f"--queues={settings.control_queue},{settings.webhook_queue}",
+               "--pool=threads", f"--concurrency={control_threads}", f"--loglevel={loglevel}",
+               "--hostname=speft-control@%h", "--beat"]
+    if role == "control":
+        run_worker(control)
+        return
+    pool, queues = _training_pool_and_queues(settings, device=device, queues=queues, pool=pool)
+    training = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
+                f"--loglevel={loglevel}", "--hostname=speft-training@%h"]
+    if role == "training":
+        run_worker(training)
+        return
+    # all: both, forked from this process (in its process group, so a signal to the group
+    # reaches them; each exits when this process is gone).
+    children = [fork_worker(training, what="training worker"),
+                fork_worker(control, what="control worker")]
+    raise typer.Exit(code=supervise(children, what="training and control workers",
+                                    grace_s=None))
+
+
+def _training_pool_and_queues(settings: Settings, *, device: str, queues: str | None,
+                              pool: str | None) -> tuple[str, str]:
+    """The training worker's pool and queues; a clear message and exit 2 when refused."""
     pool = pool or ("solo" if settings.embedded_broker else "prefork")
     if pool not in ("solo", "prefork"):
         console.print(f"[red]error (--pool):[/red] expected solo or prefork; got {pool!r}")
@@ -116,22 +160,7 @@ def worker(
     except ValueError as err:
         console.print(f"[red]error (--device):[/red] {err}")
         raise typer.Exit(code=2) from err
-    queues = queues or ",".join(settings.queue_for(kind) for kind in kinds)
-    from api.core.queue import run_worker
-
-    # Every worker also consumes the control queue and embeds a beat that schedules the
-    # reconciler there (sweeps are idempotent, so one per worker is harmless); the beat keeps
-    # its schedule in memory and exits with the worker (worker.celery_app).
-    queues = f"{queues},{settings.control_queue}"
-    run_worker(["worker", f"--queues={queues}", f"--concurrency={concurrency}",
-                f"--pool={pool}", f"--loglevel={loglevel}", "--beat"])
-
-
-def _stop(processes: list[subprocess.Popen[bytes]], sig: int) -> None:
-    """Send `sig` to every process still running."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(sig)
+    return pool, queues or ",".join(settings.queue_for(kind) for kind in kinds)
 
 
 def run(
@@ -146,27 +175,7 @@ def run(
     # Own sessions: only this launcher gets the terminal's Ctrl-C, and forwards exactly one signal.
     processes = [subprocess.Popen(base + ["worker", "--device", "all"], start_new_session=True),
                  subprocess.Popen(base + serve_args, start_new_session=True)]
-    stopping = False
+    from api.cli.supervision import supervise
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if stopping:  # a second Ctrl-C: do not wait for a running job
-            _stop(processes, signal.SIGKILL)
-            return
-        stopping = True
-        console.print("stopping API and worker (Ctrl-C again to force)")
-        _stop(processes, signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while all(p.poll() is None for p in processes) and not stopping:
-        time.sleep(0.2)
-    if not stopping:  # one of them exited by itself: stop the other
-        stopping = True
-        _stop(processes, signal.SIGTERM)
-    deadline = time.monotonic() + SHUTDOWN_GRACE_S
-    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _stop(processes, signal.SIGKILL)
-    codes = [p.wait() for p in processes]
-    raise typer.Exit(code=0 if all(code == 0 for code in codes) else 1)
+    raise typer.Exit(code=supervise([p.pid for p in processes], what="API and worker",
+                                    grace_s=SHUTDOWN_GRACE_S))

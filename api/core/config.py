@@ -118,14 +118,19 @@ class Settings(BaseSettings):
     requeue_after_s: float = 300.0
     max_attempts: int = 3
     reconcile_interval_s: float = 30.0
-    # A running attempt that shows no progress (no step, evaluation or event: model downloads
-    # and salience scoring report none, so keep it above the longest of those) for
+    # A running attempt that shows no progress (no step, phase report, evaluation or event: model
+    # downloads and mask selection report none, so keep it above the longest of those) for
     # stall_timeout_s stops heart-beating, and the reconciler treats it as a lost worker.
     stall_timeout_s: float = 3600.0
-    # Webhooks: a delivery is POSTed with webhook_timeout_s to wait for the answer and retried
-    # by Celery with exponential back-off (webhook_backoff_s, doubling, at most 10 min) up to
-    # webhook_max_retries times. URLs resolving to private, loopback or link-local addresses are
-    # refused; webhook_allow_loopback admits loopback ones (tests, single-machine use).
+    # A running job's storage call that the backend refuses (StorageUnavailable) is retried with
+    # a growing pause (1 s, then 2 s more each time, at most 15 s) for storage_retry_s; storage
+    # still down after that re-queues the job (a failed attempt) or, out of attempts, fails it.
+    storage_retry_s: float = 60.0
+    # Webhooks: one delivery attempt (connect, send, read the status and headers) ends within
+    # webhook_timeout_s in all, and is retried by Celery with exponential back-off
+    # (webhook_backoff_s, doubling, at most 10 min) up to webhook_max_retries times. URLs
+    # resolving to private, loopback or link-local addresses are refused;
+    # webhook_allow_loopback admits loopback ones (tests, single-machine use).
     webhook_timeout_s: float = 10.0
     webhook_backoff_s: float = 2.0
     webhook_max_retries: int = 8
@@ -253,7 +258,8 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("heartbeat_interval_s", "heartbeat_timeout_s", "requeue_after_s",
-                     "reconcile_interval_s", "stall_timeout_s")
+                     "reconcile_interval_s", "stall_timeout_s", "webhook_timeout_s",
+                     "storage_retry_s")
     @classmethod
     def _check_seconds(cls, value: float, info: Any) -> float:
         if not value > 0:
@@ -275,8 +281,14 @@ class Settings(BaseSettings):
 
     @property
     def control_queue(self) -> str:
-        """The queue of the service's own periodic tasks (the reconciler); every worker reads it."""
+        """The queue of the service's own periodic tasks (the reconciler), read by the control
+        worker of every `speft worker`."""
         return f"{self.queue_prefix}control"
+
+    @property
+    def webhook_queue(self) -> str:
+        """The queue of webhook deliveries, read by the control worker beside control_queue."""
+        return f"{self.queue_prefix}webhooks"
 
     def queue_for(self, device: str) -> str:
         """The broker queue for jobs on `device` (`cpu` or `cuda`)."""

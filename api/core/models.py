@@ -81,6 +81,10 @@ class JobStatus(StrEnum):
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 )
+# A worker is running the job (or stopping it): it heart-beats, reports progress and phases.
+ACTIVE_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED}
+)
 
 
 class MetricKind(StrEnum):
@@ -215,6 +219,9 @@ class File(Base):
     storage_key: Mapped[str] = mapped_column(Text)
     num_examples: Mapped[int]
     task: Mapped[str | None] = mapped_column(String(32))  # detected format: classification/causal_lm
+    # a classification file's distinct labels (speft_core.data.label_set); None for other
+    # tasks and for files uploaded before labels were recorded
+    labels: Mapped[list[str] | None] = mapped_column(JSONValue)
     created_at: Mapped[datetime] = _created_at()
     deleted_at: Mapped[datetime | None]
     purged_at: Mapped[datetime | None]  # when the deleted row's stored bytes were removed
@@ -271,6 +278,11 @@ class Job(Base):
     result_file: Mapped[str | None] = mapped_column(String(ID_LENGTH))  # per-step metrics CSV
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     estimated_finish: Mapped[datetime | None]  # from this attempt's measured step rate
+    # the phase the attempt is in (speft_core.progress.PHASES) and its own progress and estimate
+    progress_phase: Mapped[str | None] = mapped_column(String(32))
+    phase_step: Mapped[int] = mapped_column(default=0, server_default="0")
+    phase_total: Mapped[int | None]
+    phase_estimated_finish: Mapped[datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
@@ -323,9 +335,14 @@ class Job(Base):
         return [self.result_file] if self.result_file else []
 
     @property
-    def progress(self) -> dict[str, int | None]:
-        """Optimizer steps done and planned."""
-        return {"step": self.progress_step, "total_steps": self.progress_total}
+    def progress(self) -> dict[str, Any]:
+        """Optimizer steps done and planned, the phase with its own progress and estimate, and
+        when the worker was last heard from (the Job schema decides what a reader is shown)."""
+        return {"step": self.progress_step, "total_steps": self.progress_total,
+                "phase": self.progress_phase, "phase_step": self.phase_step,
+                "phase_total": self.phase_total,
+                "phase_estimated_finish": self.phase_estimated_finish,
+                "heartbeat_at": self.heartbeat_at}
 
 
 class JobEvent(Base):

@@ -13,7 +13,11 @@ never in a result backend.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,9 @@ RECONCILE_TASK = "speft.reconcile"  # reconcile(): one reconciler sweep
 DELIVER_WEBHOOK_TASK = "speft.deliver_webhook"  # deliver_webhook(delivery_id): POST one event
 WORKER_APP = "worker.celery_app"  # the consuming app, started by name (`celery -A`)
 REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
+PARENT_POLL_S = 0.5  # how often a worker process checks that the process that started it runs
+
+log = logging.getLogger(__name__)
 
 
 def embedded_broker_url(settings: Settings) -> str:
@@ -75,6 +82,22 @@ def run_worker(argv: list[str]) -> None:
     configured_celery().worker_main(["--app", WORKER_APP, *argv])
 
 
+def exit_with_parent(parent: int, *, what: str,
+                     on_gone: Callable[[], None] | None = None) -> threading.Thread:
+    """Watch, from a daemon thread, that process `parent` is still this one's parent; once it
+    is gone (also after a SIGKILL that let it warn nobody) call `on_gone`, by default exit at
+    once (`os._exit`: what this process runs dies with its parent, as on a machine loss)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        log.warning("%s: process %d that started it is gone; exiting", what, parent)
+        (on_gone or (lambda: os._exit(1)))()
+
+    thread = threading.Thread(target=watch, name=f"{what}-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 class CeleryEnqueuer:
     """`enqueue(job_id, device)` sends `speft.run_job` to the device's queue; `check()` probes the
     broker.
@@ -97,9 +120,9 @@ class CeleryEnqueuer:
         self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue_for(device))
 
     def deliver_webhook(self, delivery_id: str) -> None:
-        """Send one deliver_webhook message to the control queue (every worker reads it)."""
+        """Send one deliver_webhook message to the webhook queue (every control worker reads it)."""
         self.celery.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id],
-                              queue=self.settings.control_queue)
+                              queue=self.settings.webhook_queue)
 
     def check(self) -> None:
         """Raise when the broker cannot be reached."""

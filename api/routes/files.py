@@ -3,14 +3,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
+from api.core.models import ID_LENGTH
 from api.deps import SessionDep, SessionRoute, SettingsDep, StorageDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.routes import DOWNLOAD_RESPONSE, download_response
 from api.schemas.files import FileDeleted, FileList, FileObject
 from api.services import files
+from api.services.pages import SortOrder
+
+FILES_PAGE_MAX = 10_000  # OpenAI's bound of `limit`, also its default: one page of every file
 
 router = APIRouter(prefix="/files", tags=["files"],
                    responses=error_responses(*COMMON_ERRORS),
@@ -36,10 +40,21 @@ def upload_file(
 
 
 @router.get("", response_model=FileList)
-def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
-    """The tenant's files, newest first."""
-    rows = files.list_files(session, tenant_id=tenant.id)
-    return FileList(data=[FileObject.model_validate(row) for row in rows])
+def list_files(
+    session: SessionDep,
+    tenant: TenantDep,
+    after: Annotated[str | None, Query(max_length=ID_LENGTH, description=(
+        "a file id: the page starts after it (the previous page's `last_id`)"))] = None,
+    limit: Annotated[int, Query(ge=1, le=FILES_PAGE_MAX)] = FILES_PAGE_MAX,
+    order: Annotated[SortOrder, Query(description="by `created_at`")] = "desc",
+    purpose: Annotated[str | None, Query(max_length=64, description=(
+        "only files of this purpose"))] = None,
+) -> FileList:
+    """A page of the tenant's files, newest first unless `order=asc`; while `has_more`, pass
+    `last_id` as `after` for the next page (the `openai` SDK's iteration does)."""
+    rows, has_more = files.list_files(session, tenant_id=tenant.id, limit=limit, after=after,
+                                      order=order, purpose=purpose)
+    return FileList(data=[FileObject.model_validate(row) for row in rows], has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))

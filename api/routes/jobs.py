@@ -5,9 +5,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.core.models import JobStatus
+from api.core.config import Settings
+from api.core.models import Job, JobStatus
 from api.core.unit_of_work import after_commit
-from api.deps import SessionDep, SessionRoute, TenantDep
+from api.deps import SessionDep, SessionRoute, SettingsDep, TenantDep
 from api.errors import COMMON_ERRORS, error_responses
 from api.schemas.jobs import JobCreate, JobEvent, JobEventList, JobList, JobMetricList, JobObject
 from api.services import job_creation, job_reads, quotas
@@ -18,6 +19,12 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"],
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
+
+
+def _shown(job: Job, settings: Settings) -> JobObject:
+    """The job as a reader sees it now: a running job whose worker was not heard from for
+    SPEFT_HEARTBEAT_TIMEOUT_S (the reconciler's own limit) is `progress.stale`."""
+    return JobObject.shown(job, stale_after_s=settings.heartbeat_timeout_s)
 
 
 @router.post("", response_model=JobObject, status_code=status.HTTP_201_CREATED,
@@ -40,24 +47,26 @@ def create_job(
     still exists and stays queued with an "enqueue failed" event, and the answer is still 201:
     a 2xx means the job exists, and a reconciler re-enqueues queued jobs later.
     """
+    settings = request.app.state.settings
     job, created = job_creation.create_job(
         session, tenant_id=tenant.id, body=body, idempotency_key=idempotency_key,
-        default_device=request.app.state.settings.default_device)
+        default_device=settings.default_device)
     if not created:
         response.status_code = status.HTTP_200_OK
-        return JobObject.model_validate(job)
+        return _shown(job, settings)
     quotas.check_active_jobs(session, tenant_id=tenant.id,  # 429 rolls the insert back
-                             limit=request.app.state.settings.max_active_jobs_per_tenant)
+                             limit=settings.max_active_jobs_per_tenant)
     enqueue = request.app.state.enqueue_job
     after_commit(session, lambda: job_creation.enqueue_created_job(session, enqueue=enqueue,
                                                                    job=job))
-    return JobObject.model_validate(job)
+    return _shown(job, settings)
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     after: Annotated[str | None, Query(max_length=64)] = None,
     status: JobStatus | None = None,
@@ -65,34 +74,34 @@ def list_jobs(
     """The tenant's jobs, newest first; pass the last id as `after` for the next page."""
     rows, has_more = job_reads.list_jobs(session, tenant_id=tenant.id, limit=limit,
                                          after=after, status=status)
-    return JobList(data=[JobObject.model_validate(row) for row in rows], has_more=has_more)
+    return JobList(data=[_shown(row, settings) for row in rows], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=error_responses(404))
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep,
+            settings: SettingsDep) -> JobObject:
     """One job."""
-    return JobObject.model_validate(job_reads.get_job(session, tenant_id=tenant.id,
-                                                      job_id=job_id))
+    return _shown(job_reads.get_job(session, tenant_id=tenant.id, job_id=job_id), settings)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses=error_responses(404, 409))
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep,
+               settings: SettingsDep) -> JobObject:
     """Cancel a job: at once if not started, else `cancel_requested`; 409 if already finished."""
-    return JobObject.model_validate(job_reads.cancel_job(session, tenant_id=tenant.id,
-                                                         job_id=job_id))
+    return _shown(job_reads.cancel_job(session, tenant_id=tenant.id, job_id=job_id), settings)
 
 
 @router.post("/{job_id}/pause", response_model=JobObject, responses=error_responses(404, 409))
-def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+def pause_job(job_id: str, session: SessionDep, tenant: TenantDep,
+              settings: SettingsDep) -> JobObject:
     """Pause a job: at once if queued, else `pause_requested` until its worker has saved a
     checkpoint and stopped (then `paused`); 409 unless queued or running."""
-    return JobObject.model_validate(job_reads.pause_job(session, tenant_id=tenant.id,
-                                                        job_id=job_id))
+    return _shown(job_reads.pause_job(session, tenant_id=tenant.id, job_id=job_id), settings)
 
 
 @router.post("/{job_id}/resume", response_model=JobObject, responses=error_responses(404, 409))
 def resume_job(job_id: str, request: Request, session: SessionDep,
-               tenant: TenantDep) -> JobObject:
+               tenant: TenantDep, settings: SettingsDep) -> JobObject:
     """Resume a paused job: queued again, it continues from its newest checkpoint (a pending
     pause is withdrawn instead); 409 unless paused or pausing."""
     job, send = job_reads.resume_job(session, tenant_id=tenant.id, job_id=job_id)
@@ -100,7 +109,7 @@ def resume_job(job_id: str, request: Request, session: SessionDep,
         enqueue = request.app.state.enqueue_job
         after_commit(session, lambda: job_creation.enqueue_created_job(session, enqueue=enqueue,
                                                                        job=job))
-    return JobObject.model_validate(job)
+    return _shown(job, settings)
 
 
 @router.get("/{job_id}/events", response_model=JobEventList, responses=error_responses(404))

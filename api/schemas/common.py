@@ -3,10 +3,18 @@ the helpers that document the core's own bounds in the JSON schema."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    TypeAdapter,
+    WithJsonSchema,
+    computed_field,
+)
 
 TaskName = Literal["classification", "causal_lm"]  # = speft_core.config.TASKS (tested)
 
@@ -21,6 +29,27 @@ class PublicModel(BaseModel):
     """A response object, built from its ORM row by attribute (`Schema.model_validate(row)`)."""
 
     model_config = ConfigDict(from_attributes=True)
+
+
+class CursorList(BaseModel):
+    """A page of a list as OpenAI pages it: `first_id` and `last_id` name the page's ends (null
+    when it is empty); while `has_more`, pass `last_id` as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: Sequence[Any]  # a subclass names the item type
+    has_more: bool
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def first_id(self) -> str | None:
+        """The id of the page's first object."""
+        return self.data[0].id if self.data else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def last_id(self) -> str | None:
+        """The id of the page's last object."""
+        return self.data[-1].id if self.data else None
 
 
 def unix_seconds(value: Any) -> Any:

@@ -5,11 +5,11 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from api.schemas.common import PublicModel, TaskName, UnixTime
+from api.schemas.common import CursorList, PublicModel, TaskName, UnixTime
 
 
 class FileObject(PublicModel):
-    """An uploaded dataset."""
+    """An uploaded dataset, as OpenAI's file object (with `sha256`, `num_examples` and `task`)."""
 
     id: str
     object: Literal["file"] = "file"
@@ -20,16 +20,15 @@ class FileObject(PublicModel):
     sha256: str
     num_examples: int | None = None
     task: TaskName | None = None
-    # The SDK's FileObject fields: an upload is validated before it is stored, so always
-    # "processed", with nothing to detail.
+    # OpenAI's (deprecated) status: an upload is validated before it is stored, so always
+    # "processed". Its `status_details` (a string when present) and `expires_at` (uploads do
+    # not expire) are left out.
     status: Literal["processed"] = "processed"
-    status_details: None = None
 
 
-class FileList(BaseModel):
-    """A page of files."""
+class FileList(CursorList):
+    """A page of files (GET /v1/files)."""
 
-    object: Literal["list"] = "list"
     data: list[FileObject]
 
 

@@ -8,6 +8,7 @@ of the ORM `Job`, so `JobObject.model_validate(job)` reads them like columns.
 """
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,11 +16,14 @@ from pydantic import (
     BaseModel,
     Field,
     StringConstraints,
+    ValidationInfo,
     computed_field,
     field_validator,
+    model_validator,
 )
 
 from api.core.config import Device
+from api.core.models import ACTIVE_STATUSES
 from api.schemas.common import (
     PublicModel,
     StrictModel,
@@ -45,6 +49,7 @@ from speft_core.config import (
     SpeftConfig,
     TrainConfig,
 )
+from speft_core.progress import PHASES, TRAINING
 from speft_core.salience import METRICS
 
 # OpenAI's limits: a suffix of up to 64 characters; metadata of up to 16 pairs, keys of up to
@@ -92,7 +97,7 @@ TrainSettings = documented(TrainConfig, {
     "n_epochs": {"anyOf": [int_range(1, MAX_EPOCHS), _AUTO]},
     "batch_size": {"anyOf": [int_range(1, MAX_BATCH_SIZE), _AUTO]},
     "learning_rate": {"anyOf": [_LEARNING_RATE, _AUTO]},
-    "max_length": int_range(2, MAX_LENGTH),
+    "max_length": {"anyOf": [int_range(2, MAX_LENGTH), _AUTO]},
     "seed": int_range(0, 2**32 - 1),
     "warmup_ratio": number_range(0.0, 1.0),
     "weight_decay": number_range(0.0, 10.0),
@@ -163,10 +168,31 @@ class JobError(PublicModel):
 
 
 class JobProgress(PublicModel):
-    """Optimizer steps done and planned."""
+    """Optimizer steps done and planned, and what the running attempt is doing now."""
 
     step: int = 0
-    total_steps: int | None = None
+    total_steps: int | None = Field(
+        default=None, description="the run's optimizer steps, known once its data is read "
+        "(before the base evaluation and salience scoring)")
+    phase: Literal[PHASES] | None = Field(  # type: ignore[valid-type]
+        default=None, description="what the running attempt is doing; null unless the job is "
+        "running (or stopping)")
+    phase_step: int = Field(0, description="how far the phase is: examples evaluated "
+                            "(evaluating_base, evaluating) or scored (scoring_salience, each "
+                            "pass), steps (head_warmup, training: the optimizer steps)")
+    phase_total: int | None = Field(None, description="what the phase has in all; null for "
+                                    "loading, checkpointing and saving")
+    phase_estimated_finish: UnixTime | None = Field(
+        default=None, description="when the phase should end, from its measured rate; never in "
+        "the past, null when unknown or `stale`")
+    heartbeat_at: UnixTime | None = Field(None, description="when the job's worker was last "
+                                          "heard from")
+    stale: bool = Field(False, description="the running job's worker has not been heard from "
+                        "for SPEFT_HEARTBEAT_TIMEOUT_S: it may have died (the reconciler then "
+                        "re-queues or fails the job); the estimates are null meanwhile")
+
+
+STALE_AFTER_S = "stale_after_s"  # the validation context key of JobObject.shown
 
 
 class JobObject(PublicModel):
@@ -191,7 +217,8 @@ class JobObject(PublicModel):
                                 "step's batches; a resumed job counts those before the pause)")
     estimated_finish: UnixTime | None = Field(
         default=None, description="when the running job should finish, from its measured step "
-        "rate (median of recent steps); null before two steps and once it has finished")
+        "rate (median of recent steps); never in the past; null before two steps, once it has "
+        "stopped, and while its worker is not heard from (`progress.stale`)")
     result_step: int | None = Field(
         default=None, description="the step the adapter's delta was taken at: the best "
         "checkpoint's (hyperparameters.select 'best', with a validation file) or the last")
@@ -208,6 +235,34 @@ class JobObject(PublicModel):
         default_factory=list, description="once the job succeeded, the id of its per-step "
         "metrics CSV (purpose fine-tune-results; GET /v1/files/{id}/content)")
 
+    @classmethod
+    def shown(cls, job: Any, *, stale_after_s: float | None = None) -> JobObject:
+        """The job as a reader sees it now; a running job whose worker was last heard from more
+        than `stale_after_s` ago is `progress.stale` (None: never)."""
+        return cls.model_validate(job, context={STALE_AFTER_S: stale_after_s})
+
+    @model_validator(mode="after")
+    def _as_of_now(self, info: ValidationInfo) -> JobObject:
+        """A phase only while a worker runs the job (the training phase's progress is the
+        step's); estimates only while it is heard from, and never in the past."""
+        progress, now = self.progress, int(time.time())
+        active = self.status in ACTIVE_STATUSES
+        if progress.phase == TRAINING:
+            progress.phase_step, progress.phase_total = progress.step, progress.total_steps
+            progress.phase_estimated_finish = self.estimated_finish
+        if not active:
+            progress.phase, progress.phase_step, progress.phase_total = None, 0, None
+        stale_after_s = (info.context or {}).get(STALE_AFTER_S)
+        if stale_after_s is not None:
+            heard = progress.heartbeat_at
+            progress.stale = heard is None or now - heard > stale_after_s
+        progress.stale = active and progress.stale
+        live = active and not progress.stale
+        self.estimated_finish = _not_before(now, self.estimated_finish) if live else None
+        progress.phase_estimated_finish = (_not_before(now, progress.phase_estimated_finish)
+                                           if live else None)
+        return self
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def fine_tuned_model(self) -> str | None:
@@ -220,6 +275,11 @@ class JobObject(PublicModel):
         """The training seed (`hyperparameters.seed`)."""
         seed = self.hyperparameters.get("seed")
         return seed if isinstance(seed, int) else None
+
+
+def _not_before(now: int, estimate: int | None) -> int | None:
+    """An estimated time, moved up to now once it has passed (the run is late)."""
+    return None if estimate is None else max(now, estimate)
 
 
 class JobList(BaseModel):

@@ -44,9 +44,10 @@ def record_checkpoint(session: Session, *, storage: Storage, job_id: str, attemp
     _retire_step(session, storage, job_id=job_id, step=step)
     checkpoint_id = new_id("ftckpt")
     key = checkpoint_key(checkpoint_id)
+    # registered first: a state upload that fails after the delta's still removes the delta
+    after_rollback(session, lambda: stored_objects.delete_stored(storage, Checkpoint, key))
     stored = storage.put(key, delta)
     storage.put(Checkpoint.state_key_for(key), state)
-    after_rollback(session, lambda: stored_objects.delete_stored(storage, Checkpoint, key))
     row = Checkpoint(id=checkpoint_id, tenant_id=job.tenant_id, job_id=job_id,
                      base_model=job.model, step=step, attempt=attempt, metrics=metrics,
                      bytes=stored.size, sha256=stored.sha256, storage_key=key)

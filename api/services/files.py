@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
@@ -11,7 +12,8 @@ from api.core.storage import ObjectTooLarge, Storage
 from api.core.unit_of_work import after_rollback
 from api.errors import InvalidRequest, PayloadTooLarge
 from api.services import job_reads, stored_objects
-from speft_core.data import parse_dataset
+from api.services.pages import SortOrder
+from speft_core.data import label_set, parse_dataset
 from speft_core.errors import DatasetFormatError
 
 FILE_PURPOSE = "fine-tune"
@@ -59,10 +61,20 @@ def _limit_lines(lines: Iterable[bytes], max_lines: int) -> Iterator[bytes]:
         yield line
 
 
-def validate_dataset(lines: Iterable[bytes], *, max_lines: int) -> tuple[str, int]:
-    """Detect the task from the first object and validate every line: (task, num_examples)."""
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What an upload's validation found: the task, the examples, a classifier's labels."""
+
+    task: str
+    num_examples: int
+    labels: list[str] | None  # label_set(examples) for classification, else None
+
+
+def validate_dataset(lines: Iterable[bytes], *, max_lines: int) -> DatasetSummary:
+    """Detect the task from the first object and validate every line."""
     task, examples = parse_dataset(_limit_lines(lines, max_lines))
-    return task, len(examples)
+    labels = label_set(examples) if task == "classification" else None
+    return DatasetSummary(task, len(examples), labels)
 
 
 def create_file(
@@ -90,7 +102,7 @@ def create_file(
         raise PayloadTooLarge(f"the file is larger than {err.limit} bytes", param="file") from err
     after_rollback(session, lambda: storage.delete(key))
     try:
-        task, num_examples = validate_dataset(
+        summary = validate_dataset(
             _lines(storage.stream(key, sha256=stored.sha256), max_line_bytes=max_line_bytes),
             max_lines=max_lines,
         )
@@ -98,7 +110,7 @@ def create_file(
         raise InvalidRequest(err.message, param="file", code=err.code) from err
     row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
                bytes=stored.size, sha256=stored.sha256, storage_key=key,
-               num_examples=num_examples, task=task)
+               num_examples=summary.num_examples, task=summary.task, labels=summary.labels)
     session.add(row)
     session.flush()
     return row
@@ -110,9 +122,13 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
                                    noun="file", param="file_id")
 
 
-def list_files(session: Session, *, tenant_id: str) -> list[File]:
-    """The tenant's live files, newest first."""
-    return stored_objects.list_live(session, File, tenant_id=tenant_id)
+def list_files(session: Session, *, tenant_id: str, limit: int, after: str | None = None,
+               order: SortOrder = "desc", purpose: str | None = None) -> tuple[list[File], bool]:
+    """A page of the tenant's live files (of `purpose`, if given) after file `after`, by creation
+    time in `order`; (files, has_more)."""
+    where = [File.purpose == purpose] if purpose is not None else []
+    return stored_objects.page_live(session, File, tenant_id=tenant_id, noun="file", limit=limit,
+                                    after=after, order=order, where=where)
 
 
 def file_content(session: Session, *, storage: Storage, tenant_id: str,

@@ -27,6 +27,7 @@ from api.errors import Conflict, InvalidRequest
 from api.schemas.jobs import JobCreate
 from api.services import jobs
 from speft_core.config import AUTO, AUTO_FIELDS, AUTO_RULES, resolve_auto
+from speft_core.data import check_label_sets
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ def _base_model(session: Session, *, model_id: str) -> RegisteredModel:
 def _datasets(session: Session, *, tenant_id: str, task: str,
               file_ids: dict[str, str]) -> dict[str, File]:
     """Check in one query that each `{field: file_id}` is the tenant's live file written for
-    `task`; 400 naming the first bad field otherwise. The rows are locked (`FOR UPDATE`) until
-    the commit, so a delete of one of them waits and then sees the new job (409), or wins and
-    the file is gone here (see `job_reads.refuse_if_file_in_use`)."""
+    `task`, and that a classifier's label sets fit (`check_label_sets`); 400 naming the first
+    bad field otherwise. The rows are locked (`FOR UPDATE`) until the commit, so a delete of
+    one of them waits and then sees the new job (409), or wins and the file is gone here (see
+    `job_reads.refuse_if_file_in_use`)."""
     rows = {row.id: row for row in session.scalars(
         select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None),
                            File.id.in_(set(file_ids.values()))).with_for_update())}
@@ -75,7 +77,11 @@ def _datasets(session: Session, *, tenant_id: str, task: str,
         if row.task is not None and row.task != task:
             raise InvalidRequest(f"file {file_id} is {row.task} data; the job's task is {task}",
                                  param=field)
-    return {field: rows[file_id] for field, file_id in file_ids.items()}
+    files = {field: rows[file_id] for field, file_id in file_ids.items()}
+    training, validation = files["training_file"], files.get("validation_file")
+    if training.labels is not None:  # recorded at upload (None: a file from before, or an LM's)
+        check_label_sets(training.labels, validation.labels if validation is not None else None)
+    return files
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency_key: str | None,

@@ -83,13 +83,12 @@ def resume_job(session: Session, *, tenant_id: str, job_id: str) -> tuple[Job, b
     from its newest checkpoint) or withdraw a pending pause; (job, whether to send it).
     Conflict when it is neither paused nor pausing."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    was_paused = job.status == JobStatus.PAUSED
     if not jobs.request_resume(session, job_id=job_id):
         session.refresh(job)
         raise Conflict(f"job {job_id} is {job.status.value}; only a paused job can be resumed",
                        param="job_id")
-    session.refresh(job)
-    return job, was_paused
+    session.refresh(job)  # what this transaction made it: its worker may have paused it meanwhile
+    return job, job.status == JobStatus.QUEUED
 
 
 def list_events(session: Session, *, tenant_id: str, job_id: str) -> list[JobEvent]:

@@ -14,7 +14,9 @@ still being stale.
 Leases: the claim increments `attempts`; the worker passes that number as `attempt` to every later
 write (`heartbeat`, `record_progress`, `finish_*`), which then apply only while the job is still on
 that attempt. A worker presumed dead that comes back (a long pause, a partition) can no longer
-touch a job that was re-queued and claimed again.
+touch a job that was re-queued and claimed again. An attempt its worker stops before the end (a
+pause it took, a fault it may retry) is released by `api.services.job_stops`, which also keeps the
+failure budget: attempts that failed, not claims.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from api.core.db import dialect_insert
 from api.core.models import (
+    ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     Adapter,
     Job,
@@ -37,6 +40,7 @@ from api.core.models import (
     utcnow,
 )
 from api.services import webhooks
+from speft_core.progress import LOADING
 
 USER_ERROR = "user_error"
 INTERNAL_ERROR = "internal_error"
@@ -47,8 +51,6 @@ EVENT_MESSAGE = "message"
 EVENT_METRICS = "metrics"
 
 NON_TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(set(JobStatus) - TERMINAL_STATUSES)
-ACTIVE_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED,
-                                                   JobStatus.PAUSE_REQUESTED})
 EVAL_COLUMNS = ("eval_loss", "eval_accuracy")
 
 
@@ -155,13 +157,14 @@ def _transition(
 
 def claim_job(session: Session, *, job_id: str, worker: str) -> bool:
     """queued → running for `worker` (sets started_at, heartbeat_at, attempts + 1; progress
-    starts again from step 0)."""
+    starts again from step 0, in the loading phase, with no estimate yet)."""
     now = utcnow()
     return _transition(
         session, job_id, from_statuses={JobStatus.QUEUED}, to_status=JobStatus.RUNNING,
         message="job started", data={"worker": worker},
         started_at=now, heartbeat_at=now, worker=worker, attempts=Job.attempts + 1,
-        progress_step=0,
+        progress_step=0, estimated_finish=None, progress_phase=LOADING, phase_step=0,
+        phase_total=None, phase_estimated_finish=None,
     )
 
 
@@ -242,7 +245,7 @@ def request_cancel(session: Session, *, job_id: str) -> bool:
 
 def request_pause(session: Session, *, job_id: str) -> bool:
     """queued → paused at once; running → pause_requested (its worker checkpoints and stops
-    at the next step); else False."""
+    at the next step, then `job_stops.release_job` pauses it); else False."""
     if _transition(session, job_id, from_statuses={JobStatus.QUEUED}, to_status=JobStatus.PAUSED,
                    message="job paused"):
         return True
@@ -252,20 +255,13 @@ def request_pause(session: Session, *, job_id: str) -> bool:
 
 def request_resume(session: Session, *, job_id: str) -> bool:
     """paused → queued (the caller sends it after the commit; it resumes from its newest
-    checkpoint); pause_requested → running (the pause is withdrawn); else False."""
+    checkpoint); pause_requested → running (the pause is withdrawn; a worker that had already
+    taken it re-queues the job, which goes on from the checkpoint it stored); else False."""
     if _transition(session, job_id, from_statuses={JobStatus.PAUSED}, to_status=JobStatus.QUEUED,
                    message="job resumed: queued", enqueued_at=utcnow()):
         return True
     return _transition(session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED},
                        to_status=JobStatus.RUNNING, message="pause withdrawn")
-
-
-def finish_paused(session: Session, *, job_id: str, step: int, attempt: int | None = None) -> bool:
-    """pause_requested → paused, once its worker checkpointed and stopped."""
-    return _transition(session, job_id, from_statuses={JobStatus.PAUSE_REQUESTED},
-                       to_status=JobStatus.PAUSED, message=f"job paused at step {step}",
-                       data={"step": step}, when=_lease(attempt), worker=None,
-                       heartbeat_at=None, estimated_finish=None)
 
 
 def pause_stale_job(session: Session, *, job_id: str, stale_before: datetime) -> bool:

@@ -21,8 +21,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings
-from api.core.models import TERMINAL_STATUSES, Job, Tenant
+from api.core.models import TERMINAL_STATUSES, Job
 from api.errors import RateLimited
+from api.services.tenants import lock_tenant
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,12 @@ def check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
     """After inserting a job: RateLimited (`quota_exceeded`) if the tenant now has more than
     `limit` unfinished jobs (0: no quota); the caller rolls the insert back.
 
-    The tenant row is locked first (PostgreSQL: FOR NO KEY UPDATE, which does not block the
-    jobs' foreign-key checks), so two concurrent creates are counted one after the other;
-    SQLite serialises writers anyway.
+    The tenant row is locked first (`lock_tenant`), so two concurrent creates are counted one
+    after the other.
     """
     if limit == 0:
         return
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id)
-                    .with_for_update(key_share=True))
+    lock_tenant(session, tenant_id=tenant_id)
     active = active_job_count(session, tenant_id=tenant_id)
     if active > limit:
         raise RateLimited(f"this tenant already has {limit} unfinished jobs, the most allowed "

@@ -5,8 +5,9 @@ restarts or the API restarts. Two ways a job gets stuck, and what a sweep does a
 
 - its worker died (SIGKILL, OOM, machine lost): the job is `running` (or `cancel_requested`) and
   its `heartbeat_at` is older than `heartbeat_timeout_s`. It is re-queued and sent again while it
-  has attempts left (`attempts < max_attempts`), else failed as an internal error saying why; a
-  job whose cancel was requested is cancelled.
+  has failed fewer than `max_attempts` times (`job_stops.failed_attempts`: pauses its workers
+  took cost nothing), else failed as an internal error saying why; a job whose cancel was
+  requested is cancelled, one whose pause was requested is paused.
 - its message was lost (a broker restart without persistence, an enqueue that failed after the
   row was committed): the job is `queued` and was last sent (`enqueued_at`, else `created_at`)
   longer than `requeue_after_s` ago. It is sent again. A duplicate message is harmless: the claim
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session
 from api.core.config import Settings
 from api.core.models import Adapter, Checkpoint, File, Job, JobStatus, utcnow
 from api.core.storage import Storage
-from api.services import jobs, stored_objects
+from api.services import job_stops, jobs, stored_objects
 
 SWEEP_LIMIT = 500  # jobs (or orphan objects) looked at per kind per sweep; the next takes the rest
 # A deleted row is purged right after its commit; one still unpurged this long after is an orphan.
@@ -79,26 +80,29 @@ def reconcile_jobs(session: Session, *, policy: ReconcilePolicy,
     done = Reconciled()
     stale_before = now - timedelta(seconds=policy.heartbeat_timeout_s)
     stale = session.execute(
-        select(Job.id, Job.status, Job.attempts, Job.worker, Job.heartbeat_at)
+        select(Job.id, Job.status, Job.worker, Job.heartbeat_at)
         .where(Job.status.in_(jobs.ACTIVE_STATUSES), jobs.stale_condition(stale_before))
         .order_by(Job.heartbeat_at).limit(SWEEP_LIMIT)
     ).all()
-    for job_id, status, attempts, worker, beat in stale:
+    for job_id, status, worker, beat in stale:
         silence = "never" if beat is None else f"{(now - beat).total_seconds():.0f} s ago"
         reason = f"worker {worker or '?'} stopped heart-beating (last heartbeat {silence})"
         if status == JobStatus.CANCEL_REQUESTED:
             if jobs.cancel_stale_job(session, job_id=job_id, stale_before=stale_before):
                 done.cancelled.append(job_id)
-        elif status == JobStatus.PAUSE_REQUESTED:
+            continue
+        if status == JobStatus.PAUSE_REQUESTED:
             jobs.pause_stale_job(session, job_id=job_id, stale_before=stale_before)
-        elif attempts < policy.max_attempts:
+            continue
+        failed = job_stops.failed_attempts(session, job_id=job_id)  # this one included
+        if failed < policy.max_attempts:
             if jobs.requeue_stale_job(session, job_id=job_id, stale_before=stale_before,
-                                      reason=f"{reason}; attempt {attempts + 1} of "
+                                      reason=f"{reason}; attempt {failed + 1} of "
                                              f"{policy.max_attempts} follows"):
                 done.requeued.append(job_id)
         elif jobs.fail_stale_job(session, job_id=job_id, stale_before=stale_before,
-                                 reason=f"worker lost: {reason}; gave up after {attempts} "
-                                        f"attempt{'s' if attempts != 1 else ''}"):
+                                 reason=f"worker lost: {reason}; gave up after {failed} failed "
+                                        f"attempt{'s' if failed != 1 else ''}"):
             done.failed.append(job_id)
     sent_before = now - timedelta(seconds=policy.requeue_after_s)
     unclaimed = session.scalars(

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from api.core.models import utcnow
 from api.core.storage import Storage
 from api.core.unit_of_work import after_commit, commit_and_run
-from api.errors import NotFound
+from api.errors import InvalidRequest, NotFound
+from api.services.pages import SortOrder, keyset_page
 
 Row = TypeVar("Row")
 
@@ -55,6 +56,24 @@ def list_live(session: Session, model: type[Row], *, tenant_id: str) -> list[Row
     return list(session.scalars(
         _live(model, tenant_id=tenant_id).order_by(table.created_at.desc(), table.id.desc())
     ))
+
+
+def page_live(session: Session, model: type[Row], *, tenant_id: str, noun: str, limit: int,
+              after: str | None = None, order: SortOrder = "desc",
+              where: Iterable[Any] = ()) -> tuple[list[Row], bool]:
+    """A page of the tenant's live rows (also matching `where`) strictly after row `after`, by
+    creation time in `order`; (rows, has_more). The cursor may be a row deleted since it was
+    listed; one that was never the tenant's is InvalidRequest naming `after`."""
+    table: Any = model
+    cursor = None
+    if after is not None:
+        cursor = session.scalar(select(table).where(table.tenant_id == tenant_id,
+                                                    table.id == after))
+        if cursor is None:
+            raise InvalidRequest(f"unknown cursor: no such {noun} {after}",
+                                 param="after")
+    query = _live(model, tenant_id=tenant_id).where(*where)
+    return keyset_page(session, query, model, cursor=cursor, limit=limit, order=order)
 
 
 def verified_stream(storage: Storage, row: Any) -> Iterator[bytes]:

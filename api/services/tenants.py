@@ -39,6 +39,15 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
     return session.scalars(select(Tenant).where(Tenant.name == name)).one()
 
 
+def lock_tenant(session: Session, *, tenant_id: str) -> None:
+    """Lock the tenant's row until the transaction ends, so per-tenant counts taken after an
+    insert are taken one transaction after another (PostgreSQL: FOR NO KEY UPDATE, which does
+    not block the foreign-key checks of rows inserted for the tenant; SQLite serialises writers
+    anyway)."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id)
+                    .with_for_update(key_share=True))
+
+
 def display_prefix(key: str) -> str:
     """The first characters of `key` kept for display; none for a key too short to spare them."""
     return api_key_prefix(key) if len(key) >= MIN_PREFIXED_KEY_LENGTH else ""

@@ -8,27 +8,27 @@ reconciler's sweep for those nobody sent (an API-side cancel, a lost message): `
 The task (worker/webhooks.py) signs and POSTs, recording every attempt; Celery retries with
 back-off. A slow or dead receiver holds a delivery, never a job.
 
-URLs must be http(s) and resolve to public addresses only (no private, loopback, link-local,
-multicast or reserved ones), checked when an endpoint is made and again before every POST (DNS
-may change); `SPEFT_WEBHOOK_ALLOW_LOOPBACK=true` admits loopback addresses.
+URLs must be http(s) and resolve to public addresses only (`api.services.webhook_urls`),
+checked when an endpoint is made and again before every POST, which connects to the addresses
+that passed; `SPEFT_WEBHOOK_ALLOW_LOOPBACK=true` admits loopback addresses. A tenant has at most
+MAX_ENDPOINTS_PER_TENANT live endpoints, counted after the insert under the tenant's row lock.
 """
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import secrets
-import socket
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.core.models import Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from api.errors import InvalidRequest, NotFound
+from api.services.tenants import lock_tenant
+from api.services.webhook_urls import UnsafeURL, check_url
 
 JOB_EVENTS = {JobStatus.SUCCEEDED: "fine_tuning.job.succeeded",
               JobStatus.FAILED: "fine_tuning.job.failed",
@@ -37,37 +37,12 @@ CHECKPOINT_EVENT = "fine_tuning.job.checkpoint.created"
 EVENT_TYPES = (*JOB_EVENTS.values(), CHECKPOINT_EVENT)
 DEFAULT_EVENTS = tuple(JOB_EVENTS.values())
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+# Why an attempt got no answer, as the tenant reads it: no address, port or system error, which
+# would map the network behind the worker (the worker's log has the detail).
+REFUSED, TIMED_OUT, CONNECTION_FAILED, BAD_ANSWER = (
+    "refused: address not allowed", "timed out", "connection failed", "invalid HTTP answer")
+ATTEMPT_ERRORS = (REFUSED, TIMED_OUT, CONNECTION_FAILED, BAD_ANSWER)
 MAX_ENDPOINTS_PER_TENANT = 20
-
-
-class UnsafeURL(ValueError):
-    """A webhook URL that may not be called."""
-
-
-def check_url(url: str, *, allow_loopback: bool) -> list[str]:
-    """The addresses `url` resolves to, when it is http(s) and every one is public (loopback
-    too with `allow_loopback`); UnsafeURL saying why otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnsafeURL("a webhook URL must be http:// or https:// with a host")
-    if parts.username or parts.password:
-        raise UnsafeURL("a webhook URL must not carry credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as err:
-        raise UnsafeURL(f"cannot resolve {parts.hostname}: {err}") from err
-    addresses = sorted({info[4][0] for info in infos})
-    for text in addresses:
-        address = ipaddress.ip_address(text.split("%")[0])
-        if address.is_loopback and allow_loopback:
-            continue
-        if not address.is_global or address.is_multicast:
-            kind = "loopback" if address.is_loopback else "non-public"
-            hint = ("; set SPEFT_WEBHOOK_ALLOW_LOOPBACK=true to allow loopback"
-                    if address.is_loopback else "")
-            raise UnsafeURL(f"{parts.hostname} resolves to {kind} address {address}{hint}")
-    return addresses
 
 
 def new_secret() -> str:
@@ -77,7 +52,8 @@ def new_secret() -> str:
 
 def create_endpoint(session: Session, *, tenant_id: str, url: str, events: Sequence[str] | None,
                     allow_loopback: bool) -> WebhookEndpoint:
-    """Register an endpoint (flushed); 400 naming `url` or `events` when they are refused."""
+    """Register an endpoint (flushed); 400 naming `url` or `events` when they are refused (the
+    caller rolls the insert back)."""
     try:
         check_url(url, allow_loopback=allow_loopback)
     except UnsafeURL as err:
@@ -87,12 +63,14 @@ def create_endpoint(session: Session, *, tenant_id: str, url: str, events: Seque
     if unknown or not chosen:
         raise InvalidRequest(f"events must be a non-empty list of {', '.join(EVENT_TYPES)}"
                              + (f"; got {unknown[0]!r}" if unknown else ""), param="events")
-    if len(list_endpoints(session, tenant_id=tenant_id)) >= MAX_ENDPOINTS_PER_TENANT:
-        raise InvalidRequest(f"at most {MAX_ENDPOINTS_PER_TENANT} webhook endpoints a tenant",
-                             param="url")
     row = WebhookEndpoint(tenant_id=tenant_id, url=url, secret=new_secret(), events=chosen)
     session.add(row)
     session.flush()
+    # Counted after the insert, the tenant locked: concurrent creates count one after another.
+    lock_tenant(session, tenant_id=tenant_id)
+    if len(list_endpoints(session, tenant_id=tenant_id)) > MAX_ENDPOINTS_PER_TENANT:
+        raise InvalidRequest(f"at most {MAX_ENDPOINTS_PER_TENANT} webhook endpoints a tenant",
+                             param="url")
     return row
 
 
@@ -181,7 +159,8 @@ def body_of(delivery: WebhookDelivery) -> str:
 
 def record_attempt(session: Session, *, delivery: WebhookDelivery, status_code: int | None,
                    error: str | None, duration_ms: float, final: bool) -> None:
-    """Log one POST; a 2xx delivers, a failure on the last try gives up (flushed)."""
+    """Log one POST (`error`: one of ATTEMPT_ERRORS when there was no answer); a 2xx delivers,
+    a failure on the last try gives up (flushed)."""
     delivery.attempts += 1
     delivery.sent_at = utcnow()  # in flight: the sweep resends only a delivery long silent
     session.add(WebhookAttempt(delivery_id=delivery.id, number=delivery.attempts,

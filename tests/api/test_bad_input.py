@@ -280,9 +280,35 @@ SMALL = {"method": {"type": "speft", "speft": {"metric": "magnitude", "density":
          "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_length": 16}}
 
 
+@pytest.mark.parametrize("training, validation, param, fragment", [
+    (labelled("pos", "neg"), labelled("pos", "neutral", "meh"), "validation_file",
+     "the validation file has 2 label(s) the training file lacks: 'meh', 'neutral' "
+     "(the training labels: 'neg', 'pos')"),
+    (labelled("pos", "pos", "pos"), None, "training_file", "a single label ('pos')"),
+], ids=["labels only in validation", "one class"])
+def test_label_sets_a_classifier_cannot_train_on_are_400_at_job_creation(
+        make_client: ClientFactory, training: bytes, validation: bytes | None, param: str,
+        fragment: str) -> None:
+    client = make_client()
+    client.app.state.enqueue_job = lambda job_id, device: None
+    body: dict[str, Any] = {"model": "minilm-l6", **SMALL,
+                            "training_file": upload(client, training).json()["id"]}
+    if validation is not None:
+        body["validation_file"] = upload(client, validation).json()["id"]
+    assert_refused(client.post("/v1/fine_tuning/jobs", json=body), 400, param, fragment)
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def uploaded_before_labels_were_recorded(client: TestClient, file_id: str) -> str:
+    """`file_id`, its recorded labels cleared as for a file uploaded before they were."""
+    with client.app.state.sessions.begin() as session:
+        session.get(File, file_id).labels = None
+    return file_id
+
+
 @pytest.mark.parametrize("training, validation, change, param, fragment", [
-    (labelled("pos", "neg"), labelled("pos", "neutral"), {}, "label",
-     "line 2: label 'neutral' is not in the training labels"),
+    (labelled("pos", "neg"), labelled("pos", "neutral"), {}, "validation_file",
+     "the validation file has 1 label(s) the training file lacks: 'neutral'"),
     (labelled("pos", "pos", "pos"), None, {}, "training_file", "a single label ('pos')"),
     (labelled("pos", "neg"), None, {"hyperparameters": {"max_length": 1024}},
      "hyperparameters.max_length", "max_length 1024 is beyond the 512 positions of minilm-l6"),
@@ -290,17 +316,19 @@ SMALL = {"method": {"type": "speft", "speft": {"metric": "magnitude", "density":
      {"method": {"type": "speft", "speft": {**SMALL["method"]["speft"],
                                             "target_modules": ["re:(.*)*x"]}}},
      "target_modules", "target pattern 're:(.*)*x' matches no Linear module"),
-], ids=["label only in validation", "one class", "max_length beyond positions",
-        "a regex Python's re backtracks on for hours"])
+], ids=["label only in validation, an older upload", "one class, an older upload",
+        "max_length beyond positions", "a regex Python's re backtracks on for hours"])
 def test_what_only_training_can_tell_fails_the_job_as_user_error(
         make_client: ClientFactory, run_job: RunJob, training: bytes, validation: bytes | None,
         change: dict[str, Any], param: str, fragment: str) -> None:
     client = make_client()
     client.app.state.enqueue_job = lambda job_id, device: None
     body: dict[str, Any] = {"model": "minilm-l6", **SMALL, **change,
-                            "training_file": upload(client, training).json()["id"]}
+                            "training_file": uploaded_before_labels_were_recorded(
+                                client, upload(client, training).json()["id"])}
     if validation is not None:
-        body["validation_file"] = upload(client, validation).json()["id"]
+        body["validation_file"] = uploaded_before_labels_were_recorded(
+            client, upload(client, validation).json()["id"])
     created = client.post("/v1/fine_tuning/jobs", json=body)
     assert created.status_code == 201, created.text
 

@@ -117,17 +117,19 @@ def test_chat_file_uploads_as_causal_lm(make_client):
     client = make_client()
     body = _upload(client, CHAT_SET.read_bytes(), name="chat.jsonl").json()
     assert (body["task"], body["num_examples"]) == ("causal_lm", 40)
-    assert (body["status"], body["status_details"]) == ("processed", None)  # as the SDK reads it
+    # as OpenAI's file object: status "processed"; status_details (a string) only on failures
+    assert body["status"] == "processed" and "status_details" not in body
 
 
 @pytest.mark.parametrize("bad, reason", [
     (_chat({"role": "robot", "content": "Hi"}, _ASSISTANT),
-     "messages[0].role must be one of system, user, assistant; got 'robot'"),
+     "messages[0].role must be one of system, developer, user, assistant, tool, function; "
+     "got 'robot'"),
     (_chat({**_USER, "content": ""}, _ASSISTANT), "messages[0].content must not be empty"),
     (_chat(_USER, {**_ASSISTANT, "content": None}),
-     "messages[1].content must be a string, got null"),
+     "messages[1].content must be a string or an array of text parts, got null"),
     (_chat({**_USER, "content": {"text": "Hi"}}, _ASSISTANT),
-     "messages[0].content must be a string, got an object"),
+     "messages[0].content must be a string or an array of text parts, got an object"),
     (_chat({"role": "system", "content": "S"}, _USER), "the conversation has no assistant message"),
     (_chat(_USER, {**_ASSISTANT, "weight": 0}), "every assistant message has weight 0"),
     (_chat(_USER, {**_ASSISTANT, "weight": 0.5}), "messages[1].weight must be 0 or 1"),
@@ -142,6 +144,33 @@ def test_bad_chat_lines_are_400_naming_the_line_and_the_reason(make_client, bad:
     error = response.json()["error"]
     assert error["message"].startswith("line 3: ") and reason in error["message"], error
     assert error["param"] == "file" and error["type"] == "invalid_request_error"
+    assert _file_rows(client) == 0 and _stored_keys(client) == []
+
+
+TOOL_SET = Path(__file__).parents[1] / "data" / "tool_calls20" / "train.jsonl"
+
+
+def test_openai_function_calling_files_upload_as_they_are(make_client):
+    # tools, tool_calls, tool results, parallel_tool_calls, legacy functions, developer
+    # messages, text parts, names and weights: OpenAI's supervised format, unchanged
+    client = make_client()
+    body = _upload(client, TOOL_SET.read_bytes(), name="tools.jsonl").json()
+    assert (body["task"], body["num_examples"], body["status"]) == ("causal_lm", 20, "processed")
+    parts = _chat({"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Hi"}], "name": "ann"},
+                  {**_ASSISTANT, "weight": 0}, _USER, {**_ASSISTANT, "weight": 1})
+    assert _upload(client, parts + b"\n").json()["num_examples"] == 1
+
+
+def test_an_openai_row_whose_tool_result_answers_no_call_is_400_naming_the_line(make_client):
+    client = make_client()
+    lines = TOOL_SET.read_bytes().splitlines(keepends=True)
+    broken = lines[1].replace(b'"tool_call_id": "call_1"', b'"tool_call_id": "call_9"')
+    response = _upload(client, b"".join([lines[0], broken, *lines[2:]]))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("line 2: messages[3].tool_call_id 'call_9' answers no "
+                                       "pending call"), error
     assert _file_rows(client) == 0 and _stored_keys(client) == []
 
 

@@ -27,7 +27,6 @@ from api.services.jobs import (
     claim_job,
     finish_cancelled,
     finish_failed,
-    finish_paused,
     finish_succeeded,
     record_eval,
     record_progress,
@@ -88,8 +87,6 @@ TRANSITIONS: dict[str, tuple[Callable[[Session, str], bool], set[JobStatus], Job
     "finish_cancelled": (lambda s, j: finish_cancelled(s, job_id=j),
                          {JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED, JobStatus.PAUSE_REQUESTED},
                          JobStatus.CANCELLED),
-    "finish_paused": (lambda s, j: finish_paused(s, job_id=j, step=3),
-                      {JobStatus.PAUSE_REQUESTED}, JobStatus.PAUSED),
 }
 
 

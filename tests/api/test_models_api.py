@@ -25,10 +25,10 @@ def test_get_model_and_unknown_model_is_404(make_client):
 
 def test_registration_is_idempotent(make_client):
     client = make_client()
-    created = client.get("/v1/models/minilm-l6").json()["created_at"]
+    created = client.get("/v1/models/minilm-l6").json()["created"]
     with client.app.state.sessions.begin() as session:
         register_builtin_models(session)
-    assert client.get("/v1/models/minilm-l6").json()["created_at"] == created
+    assert client.get("/v1/models/minilm-l6").json()["created"] == created
     assert len([m for m in client.get("/v1/models").json()["data"] if m["id"] == "minilm-l6"]) == 1
 
 

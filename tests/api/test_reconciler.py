@@ -74,7 +74,7 @@ def test_a_job_out_of_attempts_fails_with_the_reason(db_sessions):
     assert done.failed == [job_id] and not done.to_send
     job = _job(db_sessions, job_id)
     assert job.status == JobStatus.FAILED and job.error_code == INTERNAL_ERROR
-    assert "worker lost" in job.error_message and "2 attempts" in job.error_message
+    assert "worker lost" in job.error_message and "2 failed attempts" in job.error_message
     assert job.finished_at is not None
 
 

@@ -6,17 +6,13 @@ limits."""
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from api.core.config import Settings
@@ -24,6 +20,7 @@ from api.main import create_app
 from tests.api.conftest import ClientFactory
 from tests.api.test_bad_input import assert_refused, labelled, upload
 from tests.api.test_files_api import _file_rows, _stored_keys
+from tests.fixtures.servers import uvicorn_in_thread
 
 SURROGATE_BODY = '"\\ud800"'  # a JSON escape that decodes to a lone surrogate
 
@@ -159,12 +156,6 @@ def test_the_openapi_schema_states_the_metadata_and_suffix_limits(client: TestCl
 # --- body limits, through a real HTTP server --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """A real uvicorn server (in a thread) with a 4,000-byte JSON limit and 2,000-byte uploads;
@@ -173,19 +164,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
                               storage_url=f"file://{tmp_path / 'storage'}",
                               max_json_body_bytes=4000, max_upload_bytes=2000))
     app.state.enqueue_job = lambda job_id, device: None
-    port = _free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(app) as base:
+        yield base, app
 
 
 def _chunks(data: bytes, size: int = 500) -> Iterator[bytes]:

@@ -42,6 +42,7 @@ def test_each_page_is_a_shell_whose_assets_are_all_served_here(client, path):
 def test_the_job_page_carries_its_job_id_and_the_pinned_chart_library(client):
     html = client.get("/ui/jobs/ftjob-abc123").text
     assert 'data-job-id="ftjob-abc123"' in html
+    assert '<dd id="job-phase" aria-live="polite">' in html  # what the running job is doing
     assert "/ui/static/vendor/uplot-1.6.32/uPlot.iife.min.js" in html
     licence = client.get("/ui/static/vendor/uplot-1.6.32/LICENSE")
     assert licence.status_code == 200 and "MIT License" in licence.text

@@ -103,7 +103,7 @@ def scripted_validation(monkeypatch, losses: list[float]) -> None:
     """The validation loss at each evaluation: the base model's, then each checkpoint's."""
     script = iter(losses)
     monkeypatch.setattr(train_module._Trainer, "_eval",
-                        lambda self: {"eval_loss": next(script), "eval_accuracy": 0.5})
+                        lambda self, *_: {"eval_loss": next(script), "eval_accuracy": 0.5})
 
 
 def test_the_best_checkpoint_is_returned_and_early_stopping_ends_the_run(monkeypatch):

@@ -235,7 +235,12 @@ def test_the_dashboard_flow_in_a_real_browser(stack: Stack, browser: Any, tmp_pa
         long_job = client.post("/v1/fine_tuning/jobs", json={
             "model": "stories-260k", "training_file": upload.json()["id"],
             "hyperparameters": {**HYPERPARAMETERS, "n_epochs": 100}}).json()["id"]
+    # while it runs, its phase shows in the list and on its page
+    page.goto(f"{stack.url}/ui/jobs")
+    page.wait_for_selector(f"tr[data-job-id='{long_job}'] .phase:has-text('training')",
+                           timeout=JOB_TIMEOUT_MS)
     page.goto(f"{stack.url}/ui/jobs/{long_job}")
+    page.wait_for_selector("#job-phase:has-text('training')")
     page.wait_for_selector("#cancel-job", state="visible")
     page.click("#cancel-job")
     page.wait_for_selector("#job-status:has-text('cancelled')", timeout=JOB_TIMEOUT_MS)

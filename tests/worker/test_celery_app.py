@@ -1,5 +1,6 @@
 """A real Celery worker process consumes our messages over Redis and over the embedded broker;
-`speft worker`'s embedded beat lives no longer than its worker and leaves no schedule file."""
+`speft worker`'s processes (training worker, control worker, the beat it embeds) live no longer than
+it and leave no schedule file."""
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ from worker.celery_app import create_celery
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_START_TIMEOUT_S = 120.0
-ORPHAN_TIMEOUT_S = 5.0
+ORPHAN_TIMEOUT_S = 10.0
 
 PROBE_MODULE = textwrap.dedent('''
     import os, pathlib
@@ -129,8 +130,19 @@ def _running(pid: int) -> bool:
     return bool(fields) and fields[0] not in ("Z", "X")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, …)."""
+    found = _children(pid)
+    for child in list(found):
+        found.extend(_descendants(child))
+    return found
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_sigkill_of_the_worker_main_process_leaves_no_beat_behind(tmp_path: Path) -> None:
+def test_sigkill_of_the_worker_main_process_leaves_nothing_behind(tmp_path: Path) -> None:
+    """`speft worker` runs a training worker and a control worker (which embeds the beat) as
+    its children; SIGKILL of the main process alone takes all three down, and no schedule file
+    is left."""
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = service_env(SPEFT_DATABASE_URL=f"sqlite:///{tmp_path / 'speft.db'}",
@@ -141,20 +153,24 @@ def test_sigkill_of_the_worker_main_process_leaves_no_beat_behind(tmp_path: Path
         worker = spawn_cli(["worker", "--device", "cpu"], env, tmp_path, log)
     try:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while "beat: Starting" not in log_path.read_text(errors="replace"):
-            assert worker.poll() is None, f"speft worker exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no beat started:\n{log_path.read_text()}"
+        while True:
+            text = log_path.read_text(errors="replace")
+            if all(line in text for line in ("beat: Starting", "speft-training@",
+                                              "speft-control@")) and text.count(" ready.") == 2:
+                break
+            assert worker.poll() is None, f"speft worker exited:\n{text}"
+            assert time.monotonic() < deadline, f"the workers did not start:\n{text}"
             time.sleep(0.2)
-        beats = _children(worker.pid)  # solo pool: the embedded beat is the one child
-        assert len(beats) == 1, (beats, log_path.read_text())
-        beat = beats[0]
+        tree = _descendants(worker.pid)  # training (solo pool), control, its beat
+        assert len(tree) == 3, (tree, log_path.read_text())
 
         os.kill(worker.pid, signal.SIGKILL)  # the main process only, not its group
         worker.wait(timeout=10)
         deadline = time.monotonic() + ORPHAN_TIMEOUT_S
-        while _running(beat) and time.monotonic() < deadline:
+        while any(_running(pid) for pid in tree) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(beat), f"beat {beat} outlived its worker:\n{log_path.read_text()}"
+        left = [pid for pid in tree if _running(pid)]
+        assert not left, f"{left} outlived the worker:\n{log_path.read_text()}"
         assert not list(temp.glob("speft-beat*")), "the beat left a schedule file behind"
     finally:
         kill(worker)  # the whole group: whatever is left of it

@@ -30,6 +30,7 @@ from api.core.models import (
     MetricKind,
     utcnow,
 )
+from api.schemas.jobs import JobObject
 from api.services import job_runs
 from api.services.jobs import (
     INTERNAL_ERROR,
@@ -40,7 +41,7 @@ from api.services.jobs import (
 )
 from api.services.reconciler import ReconcilePolicy, reconcile_jobs
 from speft_core.errors import TrainingCancelled
-from tests.fixtures.jobs import Service
+from tests.fixtures.jobs import SPEC, Service
 from worker import recorder, tasks
 from worker.celery_app import app
 
@@ -402,3 +403,21 @@ def test_the_estimated_finish_follows_the_median_step_time(monkeypatch):
     assert left[-1] == pytest.approx(95, abs=2)  # the median ignores the slow step
     done = rate.estimate(6, 6)  # the last step: finishing now
     assert abs((done - utcnow()).total_seconds()) < 1
+
+
+def test_a_job_reports_each_phase_with_its_own_size_as_it_enters_it(service):
+    job_id = service.make_job(method={"type": "speft", "speft": {
+        **SPEC["method"]["speft"], "head_warmup_steps": 2}})
+    tasks.run_job.run(job_id)
+
+    job = service.job(job_id)
+    assert job.status == JobStatus.SUCCEEDED, (job.error_code, job.error_message)
+    with service.sessions() as session:
+        phases = [(event.data["phase"], event.data["total"]) for event in session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            if event.message.startswith("phase: ")]
+    assert phases == [("evaluating_base", 32), ("head_warmup", 2), ("scoring_salience", 32),
+                      ("selecting_mask", None), ("training", 4), ("evaluating", 32),
+                      ("checkpointing", None), ("saving", None)]
+    shown = JobObject.shown(job, stale_after_s=60).progress  # a finished job is in no phase
+    assert (shown.phase, shown.phase_estimated_finish, shown.stale) == (None, None, False)

@@ -1,7 +1,8 @@
 """Object storage for uploaded files, base models and adapter deltas: a local folder or S3.
 
 `open_storage(settings)` is the one way the API, the worker and the CLI open it; the contract
-(`Storage`) and its errors are in `base`, one module per backend (`local`, `s3`).
+(`Storage`) and its errors are in `base`, one module per backend (`local`, `s3`); `retrying`
+wraps any of them to ride out a backend that refuses for a while (the worker's running jobs).
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ from api.core.storage.base import (
     validate_key,
 )
 from api.core.storage.local import LocalStorage
+from api.core.storage.retrying import RetryingStorage, retry_while_unavailable
 from api.core.storage.s3 import S3Storage
 
 __all__ = [
     "CHUNK_BYTES", "MAX_KEY_BYTES", "ChecksumMismatch", "LocalStorage", "ObjectNotFound",
-    "ObjectTooLarge", "S3Storage", "Storage", "StorageError", "StorageUnavailable",
-    "StoredObject", "open_storage", "open_storage_url", "validate_key",
+    "ObjectTooLarge", "RetryingStorage", "S3Storage", "Storage", "StorageError",
+    "StorageUnavailable", "StoredObject", "open_storage", "open_storage_url",
+    "retry_while_unavailable", "validate_key",
 ]
 
 

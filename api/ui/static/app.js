@@ -76,6 +76,16 @@ const Speft = {
     return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
   },
   statusBadge(status) { return Speft.el("span", { class: `status status-${status}` }, status); },
+  // what a running job is doing (its phase, with the phase's own progress and end), or that its
+  // worker has gone silent; "" once no worker runs it
+  phase(job) {
+    const p = job.progress || {};
+    if (p.stale) return `no word from its worker since ${Speft.time(p.heartbeat_at)}`;
+    if (!p.phase) return "";
+    const done = p.phase_total ? ` ${p.phase_step}/${p.phase_total}` : "";
+    const ends = p.phase_estimated_finish ? `, ends ${Speft.time(p.phase_estimated_finish)}` : "";
+    return `${p.phase.replaceAll("_", " ")}${done}${ends}`;
+  },
 
   // save a Response body as a file (downloads need the bearer token, so no plain link)
   async download(path, filename) {

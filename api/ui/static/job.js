@@ -51,6 +51,7 @@
     $("job-progress").max = total || 1;
     $("job-progress").value = total ? step : 0;
     $("job-steps").textContent = total ? `${step} / ${total} steps` : `${step} steps`;
+    $("job-phase").textContent = Speft.phase(job) || "—";
     $("job-eta").textContent = Speft.TERMINAL.has(job.status) ? `finished ${Speft.time(job.finished_at)}`
                                                               : Speft.time(job.estimated_finish);
     $("job-adapter").textContent = job.adapter_id || "—";

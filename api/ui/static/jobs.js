@@ -16,9 +16,10 @@
 
   function progress(job) {
     const { step, total_steps: total } = job.progress || {};
-    if (!total) return `${step || 0} steps`;
-    return el("span", {}, el("progress", { max: total, value: step, "aria-label": `${job.id} steps` }),
-              ` ${step}/${total}`);
+    const phase = Speft.phase(job);
+    const steps = total ? [el("progress", { max: total, value: step, "aria-label": `${job.id} steps` }),
+                           ` ${step}/${total}`] : [`${step || 0} steps`];
+    return el("span", {}, ...steps, phase ? el("span", { class: "phase" }, phase) : null);
   }
 
   function row(job) {

@@ -1,0 +1,1 @@
+"""Shared test helpers, built on production functions and published contracts."""
