@@ -2,6 +2,7 @@
 and `make run PORT=… HOST=…` handing the options to it."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,9 +29,11 @@ def test_speft_run_listens_on_spefts_port_setting(tmp_path: Path) -> None:
 
 def test_make_run_hands_port_and_host_to_speft_run() -> None:
     def command(*variables: str) -> str:
-        dry_run = subprocess.run(["make", "-n", "run", *variables], cwd=REPO, check=True,
-                                 capture_output=True, text=True)
-        return dry_run.stdout.strip().splitlines()[-1]
+        # as a user types it, not as a sub-make of `make test` (which adds "Leaving directory")
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        dry_run = subprocess.run(["make", "--no-print-directory", "-n", "run", *variables],
+                                 cwd=REPO, check=True, capture_output=True, text=True, env=env)
+        return next(line.strip() for line in dry_run.stdout.splitlines() if " api.cli run" in line)
 
     assert command("PORT=8123", "HOST=127.0.0.2").endswith(
         "-m api.cli run --host 127.0.0.2 --port 8123")
